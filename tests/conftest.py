@@ -1,0 +1,100 @@
+"""Shared helpers: randomised small tokenizers and real media files written to disk."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from emu3.vq import VisionVQ, VQConfig
+
+
+def randomize(model: VisionVQ, seed: int = 0) -> VisionVQ:
+    """Make every tensor matter: perturb norms and BatchNorm statistics, and spread the codebook over
+    the latents' range so that codes are diverse (the default codebook init maps everything to one code)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=g))
+            elif name.endswith("num_batches_tracked"):
+                b.fill_(7)
+        model.eval()
+        s = model.config.spatial_factor
+        lat = model.encode_latents(torch.rand(1, 3, 4 * s, 4 * s, generator=g) * 2 - 1)
+        emb = model.quantize.embedding.weight
+        mean, std = lat.mean(dim=(0, 2, 3, 4)), lat.std(dim=(0, 2, 3, 4))  # per channel
+        emb.copy_(mean + 1.5 * std * torch.randn(emb.shape, generator=g))
+    return model
+
+
+def small_vq(seed: int = 0, **cfg) -> VisionVQ:
+    torch.manual_seed(seed)
+    base = dict(codebook_size=64, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[2])
+    return randomize(VisionVQ(VQConfig(**{**base, **cfg})), seed)
+
+
+def scene(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A deterministic picture with gradients, shapes and texture (uint8 HxWx3)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([(x * 255 // max(w - 1, 1)), (y * 255 // max(h - 1, 1)), ((x + y) * 3) % 256], -1).astype(np.uint8)
+    im = Image.fromarray(img)
+    d = ImageDraw.Draw(im)
+    for _ in range(4):
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        r = int(rng.integers(2, max(3, min(h, w) // 3)))
+        d.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    return np.array(im)
+
+
+def write_video_file(path: Path, frames: np.ndarray, fps: float, codec: str | None = None) -> Path:
+    """Write frames with PyAV (mp4: H.264, webm: VP9) or PIL (gif), independently of emu3.media."""
+    import av
+
+    path = Path(path)
+    if path.suffix == ".gif":
+        ims = [Image.fromarray(f) for f in frames]
+        ims[0].save(path, save_all=True, append_images=ims[1:], duration=round(1000 / fps), loop=0)
+        return path
+    codec = codec or {".mp4": "libx264", ".webm": "libvpx-vp9", ".mkv": "libx264"}[path.suffix]
+    with av.open(str(path), "w") as out:
+        st = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
+        st.width, st.height, st.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        if codec == "libx264":
+            st.options = {"crf": "0", "preset": "ultrafast"}
+        for f in frames:
+            for pkt in st.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(pkt)
+        for pkt in st.encode():
+            out.mux(pkt)
+    return path
+
+
+def counter_frames(n: int, h: int = 32, w: int = 32) -> np.ndarray:
+    """Frame i is a flat grey of level 8*i + 4, so a decoded frame tells which source frame it was."""
+    return np.stack([np.full((h, w, 3), 8 * i + 4, np.uint8) for i in range(n)])
+
+
+def frame_index(frame: np.ndarray) -> int:
+    return int(round((float(frame.mean()) - 4) / 8))
+
+
+@pytest.fixture
+def tiny_dir(tmp_path) -> Path:
+    """A released-layout tokenizer folder (tiny preset, randomised)."""
+    from emu3.vision import TOKENIZER_PRESETS, VisionTokenizer
+
+    tok = VisionTokenizer(small_vq(0), TOKENIZER_PRESETS["tiny"][1])
+    path = tmp_path / "tiny-vq"
+    tok.save_pretrained(path)
+    return path
