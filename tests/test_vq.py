@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from emu3.errors import InputError
-from emu3.vq import AttnBlock, VisionVQ, VQConfig, num_parameters, vq_config
+from emu3.vq import (AttnBlock, SpatialNorm, Upsample, VisionVQ, VQConfig, num_parameters,
+                     released_computation, vq_config)
 from tests.conftest import small_vq
 
 
@@ -155,15 +156,45 @@ def test_image_fast_path_equals_released_computation():
     torch.testing.assert_close(d_fast, d_slow, rtol=0, atol=1e-5)
 
 
-def test_sdpa_attention_equals_bmm_twin(monkeypatch):
+def test_fast_paths_equal_released_computation():
     model = small_vq(2)
-    x = torch.rand(2, 8, 3, 16, 16) * 2 - 1
+    x = torch.rand(2, 8, 3, 16, 24) * 2 - 1
     lat_fast = model.encode_latents(x)
     codes = model.encode(x)
     dec_fast = model.decode(codes)
-    monkeypatch.setattr(AttnBlock, "use_sdpa", False)
-    torch.testing.assert_close(model.encode_latents(x), lat_fast, rtol=0, atol=1e-5)
-    torch.testing.assert_close(model.decode(codes), dec_fast, rtol=0, atol=1e-5)
+    with released_computation():
+        assert not AttnBlock.use_sdpa and not Upsample.use_subpixel and not SpatialNorm.use_fused
+        torch.testing.assert_close(model.encode_latents(x), lat_fast, rtol=0, atol=1e-5)
+        assert torch.equal(model.encode(x), codes)
+        torch.testing.assert_close(model.decode(codes), dec_fast, rtol=0, atol=1e-5)
+    assert AttnBlock.use_sdpa and Upsample.use_subpixel and SpatialNorm.use_fused and VisionVQ.channels_last
+
+
+@pytest.mark.parametrize("module, inputs", [
+    (lambda: Upsample(32), lambda: (torch.randn(2, 32, 5, 7),)),
+    (lambda: SpatialNorm(64, 4), lambda: (torch.randn(2, 64, 16, 12), torch.randn(2, 4, 4, 3))),
+    (lambda: AttnBlock(32), lambda: (torch.randn(2, 32, 6, 5),)),
+])
+def test_each_fast_block_matches_its_twin_with_gradients(module, inputs):
+    torch.manual_seed(0)
+    block, args = module(), inputs()
+    for p in block.parameters():
+        p.data.normal_(0, 0.3)
+
+    def run():
+        xs = [a.clone().requires_grad_() for a in args]
+        out = block(*xs)
+        out.pow(2).sum().backward()
+        grads = [x.grad for x in xs] + [p.grad.clone() for p in block.parameters()]
+        block.zero_grad()
+        return out.detach(), grads
+
+    fast_out, fast_grads = run()
+    with released_computation():
+        slow_out, slow_grads = run()
+    torch.testing.assert_close(fast_out, slow_out, rtol=1e-5, atol=1e-5)
+    for f, s in zip(fast_grads, slow_grads):
+        torch.testing.assert_close(f, s, rtol=1e-4, atol=1e-4)
 
 
 def test_frame_batch_does_not_change_results():

@@ -11,12 +11,17 @@ What is unusual compared with a textbook VQGAN (reference: shared/reference/emu3
   zq goes through the same temporal layers as z (the two are concatenated on the batch axis).
 - Images are encoded as 4 repeated frames and decoded to frame 0. The 2D stages are per frame, so
   we run the 2D encoder once and repeat its latent, and we run the 2D decoder on frame 0 only:
-  the released result at a quarter of the cost. `fast=False` runs the released computation
-  (the slow twin that the tests compare against).
+  the released result at a quarter of the cost.
 - Attention is one head over all h*w positions of a frame with 1x1-conv projections (kept as
-  Conv2d so that the state dict matches the release); the fast path runs it through SDPA.
-- Parameter names equal the released `model.safetensors` (495 tensors with BatchNorm buffers).
-  transformers' `Emu3VQVAE` renames them; `emu3.checkpoint` holds that key map.
+  Conv2d so that the state dict matches the release).
+
+Fast paths, each with a slow twin (`released_computation()` switches them all off; tests compare):
+SDPA attention, sub-pixel nearest-upsample convs (`Upsample`), SpatialNorm modulation computed at
+latent resolution (`SpatialNorm`), a channels-last 2D encoder, and the image shortcuts above
+(`fast=False` in encode/decode).
+
+Parameter names equal the released `model.safetensors` (495 tensors with BatchNorm buffers).
+transformers' `Emu3VQVAE` renames them; `emu3.checkpoint` holds that key map.
 """
 
 from __future__ import annotations
@@ -160,16 +165,49 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
+    """Nearest x2, then a 3x3 conv.
+
+    Fast path (sub-pixel form): each of the four output phases (row parity a, column parity b) of
+    conv3x3(nearest_x2(x)) is a 2x2 conv of x whose taps are sums of the 3x3 taps: 16 instead of 36
+    multiply-adds per input pixel, the same result up to float rounding. `use_subpixel = False`
+    runs the released form.
+    """
+
+    use_subpixel = True
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        if not self.use_subpixel:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        w, (b, c, h, wd) = self.conv.weight, x.shape
+        # Along one axis, parity 0 reads input (i-1, i) with taps (k0, k1+k2); parity 1 reads (i, i+1)
+        # with (k0+k1, k2).
+        rows = [torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2),
+                torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2)]  # (O, I, 2, 3) each
+        xp = F.pad(x, (1, 1, 1, 1))
+        phases = []
+        for a in range(2):
+            r = rows[a]
+            for bb, k in enumerate((torch.stack([r[..., 0], r[..., 1] + r[..., 2]], -1),
+                                    torch.stack([r[..., 0] + r[..., 1], r[..., 2]], -1))):  # (O, I, 2, 2)
+                phases.append(F.conv2d(xp[:, :, a:a + h + 1, bb:bb + wd + 1], k, self.conv.bias))  # (B, O, h, w)
+        y = torch.stack(phases, 2)  # (B, O, 4, h, w), phase index 2a + b
+        return F.pixel_shuffle(y.reshape(b, -1, h, wd), 2)  # (B, O, 2h, 2w)
 
 
 class SpatialNorm(nn.Module):
-    """MoVQ modulation: GroupNorm(x) * conv_y(zq) + conv_b(zq), zq nearest-resized to x."""
+    """MoVQ modulation: GroupNorm(x) * conv_y(zq) + conv_b(zq), zq nearest-resized to x.
+
+    Fast path: conv_y and conv_b are 1x1, so they commute with nearest upsampling. We compute the
+    modulation at zq's resolution, fold GroupNorm's affine into it, and broadcast it over each
+    s x s block in one addcmul, instead of upsampling zq and running two full-size convs.
+    `use_fused = False` runs the released form.
+    """
+
+    use_fused = True
 
     def __init__(self, channels: int, zq_channels: int):
         super().__init__()
@@ -178,8 +216,18 @@ class SpatialNorm(nn.Module):
         self.conv_b = nn.Conv2d(zq_channels, channels, 1)
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
-        zq = F.interpolate(zq, size=x.shape[-2:], mode="nearest")
-        return self.norm_layer(x) * self.conv_y(zq) + self.conv_b(zq)
+        n, c, hh, ww = x.shape
+        h, w = zq.shape[-2:]
+        if not self.use_fused or hh % h or ww % w:
+            zq = F.interpolate(zq, size=x.shape[-2:], mode="nearest")
+            return self.norm_layer(x) * self.conv_y(zq) + self.conv_b(zq)
+        g = self.norm_layer
+        y, b = self.conv_y(zq), self.conv_b(zq)  # (N, C, h, w)
+        scale = y * g.weight[:, None, None]  # (gamma * xhat + beta) * y + b = xhat * scale + shift
+        shift = torch.addcmul(b, y, g.bias[:, None, None])
+        xhat = F.group_norm(x, g.num_groups, eps=g.eps).reshape(n, c, h, hh // h, w, ww // w)  # s x s blocks
+        out = torch.addcmul(shift.contiguous()[:, :, :, None, :, None], xhat, scale.contiguous()[:, :, :, None, :, None])
+        return out.view(n, c, hh, ww)
 
 
 def _norm(channels: int, zq_channels: int | None) -> nn.Module:
@@ -430,9 +478,14 @@ class VisionVQ(nn.Module):
 
     # ---- differentiable pieces (training and streaming video use these) ----
 
+    channels_last = True  # run the 2D encoder in NHWC memory (oneDNN/cuDNN convs are faster); False: NCHW
+
     def encode_frames(self, x: torch.Tensor, frame_batch: int | None = None) -> torch.Tensor:
         """The per-frame 2D encoder: (N, 3, H, W) -> (N, C, h, w)."""
-        return _frames_in_batches(self.encoder.forward_frames, x.to(self.device, self.dtype), frame_batch)
+        x = x.to(self.device, self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return _frames_in_batches(self.encoder.forward_frames, x, frame_batch).contiguous()
 
     def encode_temporal(self, z: torch.Tensor) -> torch.Tensor:
         """Frame latents (B, C, T, h, w) -> pre-quantization latents (B, C, T/4, h, w)."""
@@ -533,6 +586,21 @@ class VisionVQ(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.quant_conv.conv.weight.dtype
+
+
+@contextlib.contextmanager
+def released_computation():
+    """Turn every fast path off (SDPA, sub-pixel upsampling, fused SpatialNorm, NHWC): the released math."""
+    switches = [(AttnBlock, "use_sdpa"), (Upsample, "use_subpixel"), (SpatialNorm, "use_fused"),
+                (VisionVQ, "channels_last")]
+    saved = [getattr(cls, name) for cls, name in switches]
+    try:
+        for cls, name in switches:
+            setattr(cls, name, False)
+        yield
+    finally:
+        for (cls, name), value in zip(switches, saved):
+            setattr(cls, name, value)
 
 
 def num_parameters(module: nn.Module) -> int:

@@ -1,0 +1,66 @@
+"""Slow checks (run with -m slow; CI runs them): the full-size model, and the CLI on the example media."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from emu3.checkpoint import hf_vq_shape, load_vq, save_vq, vq_config_to_hf, vq_key_map
+from emu3.vq import VisionVQ, vq_config
+from tests.conftest import randomize
+
+pytestmark = pytest.mark.slow
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_full_size_parity_with_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    ours = randomize(VisionVQ(vq_config("emu3")))
+    save_vq(ours, tmp_path / "released")  # 1.08 GB, as released
+    assert abs((tmp_path / "released" / "model.safetensors").stat().st_size - 1.083e9) < 0.01e9
+    ours = load_vq(tmp_path / "released")
+    hf_cfg = vq_config_to_hf(ours.config)
+    hf_cfg.pop("model_type")
+    ref = transformers.Emu3VQVAE(transformers.Emu3VQVAEConfig(**hf_cfg)).eval()
+    to_hf = vq_key_map(ours.config)
+    ref.load_state_dict({to_hf[k]: v.reshape(hf_vq_shape(to_hf[k], tuple(v.shape)))
+                         for k, v in ours.state_dict().items()}, strict=True)
+    g = torch.Generator().manual_seed(1)
+    for x in (torch.rand(1, 3, 32, 48, generator=g) * 2 - 1, torch.rand(1, 4, 3, 32, 32, generator=g) * 2 - 1):
+        with torch.no_grad():
+            ref_codes = torch.stack(ref.encode(x, image_sizes=torch.tensor([x.shape[-2:]])).image_tokens)
+            ref_pixels = ref.decode(ref_codes)
+        codes = ours.encode(x)
+        assert torch.equal(codes, ref_codes) and codes.unique().numel() > 8
+        torch.testing.assert_close(ours.decode(ref_codes), ref_pixels, rtol=0, atol=1e-5)
+
+
+def emu3(*args):
+    p = subprocess.run([sys.executable, "-m", "emu3.cli", *map(str, args)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
+@pytest.mark.parametrize("mode", ["chunks", "causal"])
+def test_cli_on_example_media(tmp_path, mode):
+    emu3("vq", "init", "--preset", "demo", "-o", tmp_path / "tok")
+    out = emu3("vq", "reconstruct", "--tokenizer", tmp_path / "tok", EXAMPLES / "cat.jpg", "-o", tmp_path / "cat.png")
+    assert "PSNR" in out and "at 152x104" in out  # 451x300 -> smart_resize to 64^2..128^2 pixels
+    out = emu3("vq", "encode", "--tokenizer", tmp_path / "tok", EXAMPLES / "cat-pan.mp4", "-o", tmp_path / "v.npy",
+               "--mode", mode)
+    codes = np.load(tmp_path / "v.npy")
+    meta = json.loads((tmp_path / "v.json").read_text())
+    assert meta["num_frames"] == 22 and meta["fps"] == 12 and meta["mode"] == mode
+    assert codes.shape[0] == 6  # 22 frames padded to 24 -> 6 latent frames
+    emu3("vq", "decode", "--tokenizer", tmp_path / "tok", tmp_path / "v.npy", "-o", tmp_path / "v.gif")
+    from emu3.media import read_video
+
+    back = read_video(tmp_path / "v.gif")
+    assert len(back.frames) == 22 and back.frames.shape[1:3] == tuple(8 * s for s in codes.shape[1:])
