@@ -70,16 +70,16 @@ def main() -> None:
             image = (torch.rand(1, 3, size, size, generator=g) * 2 - 1).to(args.device)
             clip = (torch.rand(1, 4, 3, size, size, generator=g) * 2 - 1).to(args.device)
             for name, x in ((f"{size}x{size} image", image), (f"4x{size}x{size} clip", clip)):
-                t_ref, codes_ref = timed(lambda: ref_encode(x), args.repeats)
-                t_ours, codes = timed(lambda: ours.encode(x), args.repeats)
-                t_bf16, codes_bf16 = timed(lambda: ours_bf16.encode(x), args.repeats)
+                t_ref, codes_ref = timed(lambda x=x: ref_encode(x), args.repeats)
+                t_ours, codes = timed(lambda x=x: ours.encode(x), args.repeats)
+                t_bf16, codes_bf16 = timed(lambda x=x: ours_bf16.encode(x), args.repeats)
                 assert torch.equal(codes, codes_ref), "fp32 codes differ from transformers"
                 agree = (codes_bf16 == codes_ref).float().mean().item()
                 print(f"| {name} | encode | {t_ref:.2f} | {t_ours:.2f} | {t_ref / t_ours:.2f}x | {t_bf16:.2f} | "
                       f"{t_ref / t_bf16:.2f}x (codes {agree:.0%} equal) |", flush=True)
-                t_ref, pix_ref = timed(lambda: ref.decode(codes_ref), args.repeats)
-                t_ours, pix = timed(lambda: ours.decode(codes_ref), args.repeats)
-                t_bf16, pix_bf16 = timed(lambda: ours_bf16.decode(codes_ref), args.repeats)
+                t_ref, pix_ref = timed(lambda c=codes_ref: ref.decode(c), args.repeats)
+                t_ours, pix = timed(lambda c=codes_ref: ours.decode(c), args.repeats)
+                t_bf16, pix_bf16 = timed(lambda c=codes_ref: ours_bf16.decode(c), args.repeats)
                 err = (pix - pix_ref).abs().max().item()
                 assert err < 1e-3, f"fp32 decode differs from transformers by {err}"
                 err_bf16 = (pix_bf16.float() - pix_ref).abs().max().item()

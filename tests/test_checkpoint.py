@@ -69,7 +69,8 @@ def test_unexpected_key_is_named(folder):
 
 def test_misshaped_key_is_named(folder):
     _rewrite(folder, lambda s: s.update({"quantize.embedding.weight": torch.zeros(65, 4)}))
-    with pytest.raises(CheckpointError, match=r"1 misshaped \(quantize\.embedding\.weight: file \[65, 4\] vs model \[64, 4\]\)"):
+    message = r"1 misshaped \(quantize\.embedding\.weight: file \[65, 4\] vs model \[64, 4\]\)"
+    with pytest.raises(CheckpointError, match=message):
         load_vq(folder)
 
 

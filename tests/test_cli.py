@@ -34,7 +34,8 @@ def test_image_encode_decode_reconstruct(tiny_dir, tmp_path, capsys):
     code, out, _ = run(capsys, "vq", "decode", "--tokenizer", tiny_dir, tmp_path / "c.npy", "-o", tmp_path / "d.png")
     assert code == 0 and Image.open(tmp_path / "d.png").size == (56, 40)
 
-    code, out, _ = run(capsys, "vq", "reconstruct", "--tokenizer", tiny_dir, tmp_path / "in.png", "-o", tmp_path / "r.png")
+    code, out, _ = run(capsys, "vq", "reconstruct", "--tokenizer", tiny_dir, tmp_path / "in.png",
+                       "-o", tmp_path / "r.png")
     assert code == 0 and out.startswith("PSNR ") and "SSIM" in out
     assert np.array_equal(np.asarray(Image.open(tmp_path / "r.png")), np.asarray(Image.open(tmp_path / "d.png")))
 
@@ -50,7 +51,8 @@ def test_video_encode_decode(tiny_dir, tmp_path, capsys, mode):
     meta = json.loads((tmp_path / "v.json").read_text())
     assert meta == {**meta, "kind": "video", "mode": mode, "fps": 10.0, "num_frames": 10}
     for ext in (".mp4", ".gif"):
-        code, out, _ = run(capsys, "vq", "decode", "--tokenizer", tiny_dir, tmp_path / "v.npy", "-o", tmp_path / f"o{ext}")
+        code, out, _ = run(capsys, "vq", "decode", "--tokenizer", tiny_dir, tmp_path / "v.npy",
+                           "-o", tmp_path / f"o{ext}")
         assert code == 0 and "10 frames of 32x24 at 10 fps" in out
     from emu3.media import read_video
     assert read_video(tmp_path / "o.mp4").frames.shape == (10, 24, 32, 3)
@@ -92,7 +94,8 @@ def test_errors_are_one_line_with_status_2(tiny_dir, tmp_path, capsys):
         assert code == 2 and message in err and err.count("\n") == 1, (message, err)
     code, _, err = run(capsys, "vq", "decode", "--tokenizer", tiny_dir, tmp_path / "far.npy", "-o", tmp_path / "x.png")
     assert code == 2 and "codes must be in [0, 64)" in err
-    code, _, err = run(capsys, "vq", "decode", "--tokenizer", tiny_dir, tmp_path / "float.npy", "-o", tmp_path / "x.png")
+    code, _, err = run(capsys, "vq", "decode", "--tokenizer", tiny_dir, tmp_path / "float.npy",
+                       "-o", tmp_path / "x.png")
     assert code == 2 and "integer array" in err
     code, _, err = run(capsys, "vq", "decode", "--tokenizer", tiny_dir, tmp_path / "far.npy", "-o", tmp_path / "x.mp3")
     assert code == 2 and "cannot write an image" in err

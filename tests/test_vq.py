@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from emu3.errors import InputError
-from emu3.vq import (AttnBlock, SpatialNorm, Upsample, VisionVQ, VQConfig, num_parameters,
-                     released_computation, vq_config)
+from emu3.vq import (
+    AttnBlock,
+    SpatialNorm,
+    Upsample,
+    VisionVQ,
+    VQConfig,
+    num_parameters,
+    released_computation,
+    vq_config,
+)
 from tests.conftest import small_vq
 
 

@@ -125,7 +125,8 @@ def check_keys(where: str, got: dict[str, tuple], want: dict[str, tuple]) -> Non
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected ({few(unexpected)})")
     if misshaped:
-        parts.append(f"{len(misshaped)} misshaped ({few(misshaped, lambda k: f'{k}: file {list(got[k])} vs model {list(want[k])}')})")
+        shown = few(misshaped, lambda k: f"{k}: file {list(got[k])} vs model {list(want[k])}")
+        parts.append(f"{len(misshaped)} misshaped ({shown})")
     raise CheckpointError(f"{where}: weights do not match the config: " + "; ".join(parts))
 
 

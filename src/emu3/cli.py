@@ -10,7 +10,15 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from . import __version__, media
 from .errors import Emu3Error, InputError
+from .fsutil import atomic_file
+from .metrics import psnr, ssim
+from .vision import MODES, TOKENIZER_PRESETS, VisionTokenizer
+from .vq import num_parameters
 
 DTYPES = ("float32", "bfloat16", "float16")
 NO_TOKENIZER = ("--tokenizer DIR is required until the built-in model ships: pass a vision tokenizer folder "
@@ -19,8 +27,6 @@ NO_TOKENIZER = ("--tokenizer DIR is required until the built-in model ships: pas
 
 
 def _device_dtype(args):
-    import torch
-
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -31,8 +37,6 @@ def _device_dtype(args):
 
 
 def _tokenizer(args):
-    from .vision import VisionTokenizer
-
     if not args.tokenizer:
         raise InputError(NO_TOKENIZER)
     device, dtype = _device_dtype(args)
@@ -41,8 +45,6 @@ def _tokenizer(args):
 
 def _read_input(tok, args):
     """-> ('image', (H, W, 3) uint8, None) or ('video', (T, H, W, 3) uint8, fps)."""
-    from . import media
-
     kind = media.probe(args.input)
     if kind == "image":
         image = media.open_image(args.input)
@@ -57,28 +59,19 @@ def _encode(tok, kind, frames, mode):
 
 
 def cmd_vq_init(args) -> None:
-    from .vision import VisionTokenizer
-
     tok = VisionTokenizer.from_preset(args.preset, seed=args.seed)
     tok.save_pretrained(args.output, layout=args.layout)
-    n = sum(p.numel() for p in tok.model.parameters())
-    print(f"wrote {args.output}: preset {args.preset}, {n:,} parameters, random weights (seed {args.seed}), "
-          f"{args.layout} layout")
+    print(f"wrote {args.output}: preset {args.preset}, {num_parameters(tok.model):,} parameters, "
+          f"random weights (seed {args.seed}), {args.layout} layout")
 
 
 def cmd_vq_convert(args) -> None:
-    from .vision import VisionTokenizer
-
-    tok = VisionTokenizer.from_pretrained(args.input)
+    tok = VisionTokenizer.from_pretrained(args.input, dtype=None)  # keep the weights' dtype
     tok.save_pretrained(args.output, layout=args.layout)
     print(f"wrote {args.output} ({args.layout} layout)")
 
 
 def cmd_vq_encode(args) -> None:
-    import numpy as np
-
-    from .fsutil import atomic_file
-
     out = Path(args.output)
     if out.suffix != ".npy":
         raise InputError(f"{out}: codes are written as .npy")
@@ -98,8 +91,6 @@ def cmd_vq_encode(args) -> None:
 
 
 def _load_codes(path: Path):
-    import numpy as np
-
     if not path.exists():
         raise InputError(f"{path}: no such file")
     try:
@@ -107,7 +98,8 @@ def _load_codes(path: Path):
     except (ValueError, OSError, EOFError) as e:
         raise InputError(f"{path}: not a .npy array of codes ({e})") from None
     if codes.ndim not in (2, 3) or codes.dtype.kind not in "iu":
-        raise InputError(f"{path}: codes must be an integer array (h, w) or (T', h, w), got {codes.shape} {codes.dtype}")
+        raise InputError(f"{path}: codes must be an integer array (h, w) or (T', h, w), "
+                         f"got {codes.shape} {codes.dtype}")
     meta = {}
     side = path.with_suffix(".json")
     if side.exists():
@@ -119,10 +111,6 @@ def _load_codes(path: Path):
 
 
 def cmd_vq_decode(args) -> None:
-    import torch
-
-    from . import media
-
     codes, meta = _load_codes(Path(args.codes))
     kind = "image" if codes.ndim == 2 else "video"
     media.check_output_suffix(args.output, kind)
@@ -140,9 +128,6 @@ def cmd_vq_decode(args) -> None:
 
 
 def cmd_vq_reconstruct(args) -> None:
-    from . import media
-    from .metrics import psnr, ssim
-
     tok = _tokenizer(args)
     kind, frames, fps = _read_input(tok, args)
     media.check_output_suffix(args.output, kind)
@@ -155,14 +140,12 @@ def cmd_vq_reconstruct(args) -> None:
     n = 1 if kind == "image" else len(frames)
     h, w = frames.shape[-3:-1]
     grid = "x".join(map(str, codes.shape))
+    mode = f", {args.mode} mode" if kind == "video" else ""
     print(f"PSNR {psnr(frames, recon):.2f} dB  SSIM {ssim(frames, recon):.4f}  "
-          f"({n} frame{'s' * (n > 1)} at {w}x{h}, codes {grid}{', ' + args.mode + ' mode' if kind == 'video' else ''}); "
-          f"wrote {args.output}")
+          f"({n} frame{'s' * (n > 1)} at {w}x{h}, codes {grid}{mode}); wrote {args.output}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = argparse.ArgumentParser(prog="emu3", description="Emu3: next-token prediction for text, images and video.")
     parser.add_argument("--version", action="version", version=f"emu3 {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="frames per forward pass: bounds memory (default 8)")
 
     def video_opts(p, with_read=True):
-        p.add_argument("--mode", choices=("chunks", "causal"), default=None if not with_read else "chunks",
+        p.add_argument("--mode", choices=MODES, default="chunks" if with_read else None,
                        help="video: independent 4-frame chunks (official example) or one causal clip")
         if with_read:
             p.add_argument("--fps", type=float, help="video: sample frames at this rate (default: the source rate)")
@@ -189,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="video: refuse inputs that give more than N frames (default 1024)")
 
     p = vqs.add_parser("init", help="write a freshly initialised tokenizer folder (random weights) from a preset")
-    p.add_argument("--preset", default="emu3", choices=("emu3", "tiny", "demo"))
+    p.add_argument("--preset", default="emu3", choices=list(TOKENIZER_PRESETS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layout", default="released", choices=("released", "transformers"))
     p.add_argument("-o", "--output", required=True, metavar="DIR")

@@ -103,7 +103,7 @@ class ImageProcessor:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ImageProcessor":
+    def from_dict(cls, d: dict) -> ImageProcessor:
         """Read a released or transformers preprocessor_config.json; refuse settings we do not implement."""
         checks = {"do_resize": True, "do_rescale": True, "do_normalize": True, "resample": 3,
                   "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
@@ -275,7 +275,8 @@ def _resized(image: Image.Image, resize, size_cache: dict) -> np.ndarray:
 
 
 def _read_frame_folder(path, fps, start, end, max_frames, resize, frame_limit, max_pixels) -> Video:
-    files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: _natural_key(p.name))
+    files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES),
+                   key=lambda p: _natural_key(p.name))
     if not files:
         raise InputError(f"{path}: folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
     out, cache, source = [], {}, None
@@ -374,7 +375,8 @@ def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise InputError(f"{path}: unsupported image format; use one of {', '.join(sorted(IMAGE_SUFFIXES))}")
     with atomic_file(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(image)).save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
+        fmt = Image.registered_extensions()[path.suffix.lower()]
+        Image.fromarray(np.ascontiguousarray(image)).save(tmp, format=fmt)
 
 
 VIDEO_WRITERS = {".mp4": ("libx264", {"crf": "17", "preset": "medium"}),

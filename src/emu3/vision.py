@@ -64,7 +64,7 @@ class VisionTokenizer:
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, frame_batch: int = 8) -> "VisionTokenizer":
+                        dtype: torch.dtype = torch.float32, frame_batch: int = 8) -> VisionTokenizer:
         """Load from a released, transformers or -hf folder (preprocessor_config.json is optional)."""
         folder = Path(folder)
         model = load_vq(folder, device=device, dtype=dtype)
@@ -76,7 +76,7 @@ class VisionTokenizer:
         return cls(model, processor, frame_batch)
 
     @classmethod
-    def from_preset(cls, name: str, seed: int = 0, **overrides) -> "VisionTokenizer":
+    def from_preset(cls, name: str, seed: int = 0, **overrides) -> VisionTokenizer:
         """A freshly initialised tokenizer (random weights) of a named size: the start of training."""
         if name not in TOKENIZER_PRESETS:
             raise InputError(f"unknown tokenizer preset {name!r}; choose one of {', '.join(TOKENIZER_PRESETS)}")

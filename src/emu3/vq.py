@@ -100,7 +100,7 @@ class VQConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "VQConfig":
+    def from_dict(cls, d: dict) -> VQConfig:
         """Build from a released-style config.json dict; metadata keys are ignored, unknown fields refused."""
         names = {f.name for f in dataclasses.fields(cls)}
         ignored = {"architectures", "auto_map", "torch_dtype", "dtype", "transformers_version", "model_type",
@@ -164,6 +164,15 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
+def _parity_taps(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """3 conv taps along `dim` after nearest-x2 upsampling -> 2 taps on the input, per output parity.
+
+    Even outputs read input (i-1, i) with taps (k0, k1+k2); odd outputs read (i, i+1) with (k0+k1, k2).
+    """
+    k0, k1, k2 = w.unbind(dim)
+    return torch.stack([k0, k1 + k2], dim), torch.stack([k0 + k1, k2], dim)
+
+
 class Upsample(nn.Module):
     """Nearest x2, then a 3x3 conv.
 
@@ -182,20 +191,14 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.use_subpixel:
             return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        w, (b, c, h, wd) = self.conv.weight, x.shape
-        # Along one axis, parity 0 reads input (i-1, i) with taps (k0, k1+k2); parity 1 reads (i, i+1)
-        # with (k0+k1, k2).
-        rows = [torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2),
-                torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2)]  # (O, I, 2, 3) each
+        b, _, h, w = x.shape
         xp = F.pad(x, (1, 1, 1, 1))
         phases = []
-        for a in range(2):
-            r = rows[a]
-            for bb, k in enumerate((torch.stack([r[..., 0], r[..., 1] + r[..., 2]], -1),
-                                    torch.stack([r[..., 0] + r[..., 1], r[..., 2]], -1))):  # (O, I, 2, 2)
-                phases.append(F.conv2d(xp[:, :, a:a + h + 1, bb:bb + wd + 1], k, self.conv.bias))  # (B, O, h, w)
+        for a, rows in enumerate(_parity_taps(self.conv.weight, 2)):  # (O, I, 2, 3) each
+            for bb, k in enumerate(_parity_taps(rows, 3)):  # (O, I, 2, 2)
+                phases.append(F.conv2d(xp[:, :, a:a + h + 1, bb:bb + w + 1], k, self.conv.bias))  # (B, O, h, w)
         y = torch.stack(phases, 2)  # (B, O, 4, h, w), phase index 2a + b
-        return F.pixel_shuffle(y.reshape(b, -1, h, wd), 2)  # (B, O, 2h, 2w)
+        return F.pixel_shuffle(y.reshape(b, -1, h, w), 2)  # (B, O, 2h, 2w)
 
 
 class SpatialNorm(nn.Module):
@@ -226,8 +229,8 @@ class SpatialNorm(nn.Module):
         scale = y * g.weight[:, None, None]  # (gamma * xhat + beta) * y + b = xhat * scale + shift
         shift = torch.addcmul(b, y, g.bias[:, None, None])
         xhat = F.group_norm(x, g.num_groups, eps=g.eps).reshape(n, c, h, hh // h, w, ww // w)  # s x s blocks
-        out = torch.addcmul(shift.contiguous()[:, :, :, None, :, None], xhat, scale.contiguous()[:, :, :, None, :, None])
-        return out.view(n, c, hh, ww)
+        block = (slice(None), slice(None), slice(None), None, slice(None), None)  # (N, C, h, 1, w, 1)
+        return torch.addcmul(shift.contiguous()[block], xhat, scale.contiguous()[block]).view(n, c, hh, ww)
 
 
 def _norm(channels: int, zq_channels: int | None) -> nn.Module:
