@@ -92,9 +92,9 @@ def frame_index(frame: np.ndarray) -> int:
 @pytest.fixture
 def tiny_dir(tmp_path) -> Path:
     """A released-layout tokenizer folder (tiny preset, randomised)."""
-    from emu3.vision import TOKENIZER_PRESETS, VisionTokenizer
+    from emu3.vision import PRESET_PROCESSORS, VisionTokenizer
 
-    tok = VisionTokenizer(small_vq(0), TOKENIZER_PRESETS["tiny"][1])
+    tok = VisionTokenizer(small_vq(0), PRESET_PROCESSORS["tiny"])
     path = tmp_path / "tiny-vq"
     tok.save_pretrained(path)
     return path

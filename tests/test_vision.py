@@ -9,13 +9,13 @@ from PIL import Image
 
 from emu3.errors import InputError
 from emu3.media import ImageProcessor, to_pixels, to_uint8
-from emu3.vision import TOKENIZER_PRESETS, VisionTokenizer, pad_frames
+from emu3.vision import PRESET_PROCESSORS, VisionTokenizer, pad_frames
 from tests.conftest import scene, small_vq
 
 
 @pytest.fixture
 def tok():
-    return VisionTokenizer(small_vq(21), TOKENIZER_PRESETS["tiny"][1], frame_batch=3)
+    return VisionTokenizer(small_vq(21), PRESET_PROCESSORS["tiny"], frame_batch=3)
 
 
 def test_encode_images_batches_by_size_and_equals_one_by_one(tok):
@@ -100,3 +100,13 @@ def test_save_and_load_keeps_processor(tok, tmp_path):
     assert again.processor == tok.processor
     im = Image.fromarray(scene(30, 50))
     assert torch.equal(again.encode_image(im), tok.encode_image(im))
+
+
+def test_every_vq_preset_has_a_matching_processor():
+    from emu3.vq import VQ_PRESETS, vq_config
+
+    assert set(PRESET_PROCESSORS) == set(VQ_PRESETS)
+    for name, proc in PRESET_PROCESSORS.items():
+        assert proc.spatial_factor == vq_config(name).spatial_factor
+    with pytest.raises(InputError, match="unknown VQ preset"):
+        VisionTokenizer.from_preset("huge")

@@ -196,8 +196,8 @@ def vq_config_from_hf(d: dict, where: str) -> VQConfig:
 # Vision tokenizer: load and save
 
 
-def vq_layout(folder: Path) -> tuple[str, VQConfig, str]:
-    """(layout, config, key prefix in the weight files) of a VQ checkpoint folder."""
+def vq_layout(folder: Path) -> tuple[str, VQConfig, str, dict[str, Path]]:
+    """(layout, config, key prefix, {tensor name: file}) of a VQ checkpoint folder."""
     if not folder.exists():
         raise CheckpointError(f"{folder}: no such folder")
     if not folder.is_dir():
@@ -205,19 +205,19 @@ def vq_layout(folder: Path) -> tuple[str, VQConfig, str]:
     cfg_path = folder / "config.json"
     d = read_json(cfg_path)
     where = str(cfg_path)
+    files = weight_files(folder)
     try:
         model_type = d.get("model_type")
         if model_type == "emu3" or "vq_config" in d:
             vq = d.get("vq_config")
             if not isinstance(vq, dict):
                 raise CheckpointError(f"{where}: an Emu3 -hf config without a vq_config object")
-            files = weight_files(folder)
             prefix = "model.vqmodel." if any(k.startswith("model.vqmodel.") for k in files) else "vqmodel."
-            return "transformers-full", vq_config_from_hf(vq, where), prefix
+            return "transformers-full", vq_config_from_hf(vq, where), prefix, files
         if model_type == "emu3_vqgan" or "base_channels" in d:
-            return "transformers", vq_config_from_hf(d, where), ""
+            return "transformers", vq_config_from_hf(d, where), "", files
         if model_type in (None, "Emu3VisionVQ") and "ch" in d:
-            return "released", VQConfig.from_dict(d), ""
+            return "released", VQConfig.from_dict(d), "", files
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: invalid vision tokenizer config ({e})") from None
     raise CheckpointError(f"{where}: not a vision tokenizer config (model_type={model_type!r}); expected "
@@ -227,8 +227,7 @@ def vq_layout(folder: Path) -> tuple[str, VQConfig, str]:
 def read_vq_state(folder: str | os.PathLike) -> tuple[VQConfig, dict[str, torch.Tensor], str]:
     """(config, state dict in released names, layout name); strict: keys and shapes checked first."""
     folder = Path(folder)
-    layout, cfg, prefix = vq_layout(folder)
-    files = weight_files(folder)
+    layout, cfg, prefix, files = vq_layout(folder)
     with torch.device("meta"):
         want = {k: tuple(v.shape) for k, v in VisionVQ(cfg).state_dict().items()}
     if layout == "released":

@@ -17,7 +17,7 @@ from . import __version__, media
 from .errors import Emu3Error, InputError
 from .fsutil import atomic_file
 from .metrics import psnr, ssim
-from .vision import MODES, TOKENIZER_PRESETS, VisionTokenizer
+from .vision import MODES, PRESET_PROCESSORS, VisionTokenizer
 from .vq import num_parameters
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="video: refuse inputs that give more than N frames (default 1024)")
 
     p = vqs.add_parser("init", help="write a freshly initialised tokenizer folder (random weights) from a preset")
-    p.add_argument("--preset", default="emu3", choices=list(TOKENIZER_PRESETS))
+    p.add_argument("--preset", default="emu3", choices=list(PRESET_PROCESSORS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layout", default="released", choices=("released", "transformers"))
     p.add_argument("-o", "--output", required=True, metavar="DIR")

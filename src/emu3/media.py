@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -119,9 +119,6 @@ class ImageProcessor:
             max_pixels=int(d.get("max_pixels", size.get("max_pixels", defaults.max_pixels))),
             spatial_factor=int(d.get("spatial_factor", defaults.spatial_factor)),
         )
-
-    def asdict(self) -> dict:
-        return asdict(self)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -281,7 +278,7 @@ def _read_frame_folder(path, fps, start, end, max_frames, resize, frame_limit, m
         raise InputError(f"{path}: folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
     out, cache, source = [], {}, None
     for t in _sample_times(max_frames, frame_limit, start, end, fps):
-        i = int(round(t * fps, 6))  # source plays at the same fps: frame index = t * fps
+        i = math.floor(t * fps + 1e-6)  # the folder plays at `fps`: frame i starts at i / fps
         if i >= len(files):
             break
         image = open_image(files[i], max_pixels)

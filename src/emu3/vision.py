@@ -28,11 +28,11 @@ from .vq import VisionVQ, vq_config
 
 MODES = ("chunks", "causal")
 
-# Preset name -> (VQ preset, image processor): the resolution range each tokenizer is meant for.
-TOKENIZER_PRESETS = {
-    "emu3": ("emu3", ImageProcessor(512 * 512, 1024 * 1024, 8)),
-    "tiny": ("tiny", ImageProcessor(16 * 16, 64 * 64, 4)),
-    "demo": ("demo", ImageProcessor(64 * 64, 128 * 128, 8)),
+# The image processor that goes with each VQ preset (emu3.vq.VQ_PRESETS): the resolutions it is meant for.
+PRESET_PROCESSORS = {
+    "emu3": ImageProcessor(512 * 512, 1024 * 1024, 8),  # as released
+    "tiny": ImageProcessor(16 * 16, 64 * 64, 4),
+    "demo": ImageProcessor(64 * 64, 128 * 128, 8),
 }
 
 
@@ -78,11 +78,9 @@ class VisionTokenizer:
     @classmethod
     def from_preset(cls, name: str, seed: int = 0, **overrides) -> VisionTokenizer:
         """A freshly initialised tokenizer (random weights) of a named size: the start of training."""
-        if name not in TOKENIZER_PRESETS:
-            raise InputError(f"unknown tokenizer preset {name!r}; choose one of {', '.join(TOKENIZER_PRESETS)}")
-        vq_name, processor = TOKENIZER_PRESETS[name]
+        config = vq_config(name, **overrides)  # refuses unknown names
         torch.manual_seed(seed)
-        return cls(VisionVQ(vq_config(vq_name, **overrides)), processor)
+        return cls(VisionVQ(config), PRESET_PROCESSORS[name])
 
     def save_pretrained(self, folder: str | os.PathLike, layout: str = "released") -> None:
         save_vq(self.model, folder, layout, extra_files={"preprocessor_config.json": self.processor.to_dict()})
