@@ -98,3 +98,40 @@ def tiny_dir(tmp_path) -> Path:
     path = tmp_path / "tiny-vq"
     tok.save_pretrained(path)
     return path
+
+
+CORPUS = [
+    "a red circle above two blue squares on a grey background",
+    "three green triangles left of a yellow star; the star is small",
+    "You are a helpful assistant. USER: how many circles are there?. ASSISTANT: There are two circles.",
+    "Emu3 tokenizes images, text and video into one vocabulary and predicts the next token.",
+    "numbers 0 1 2 3 4 5 6 7 8 9 10 16:9 4:3 90*90 64*64 3.14159",
+    "naïve café — “quotes” ÅΩ≈ç√∫ 中文字符 😀 emoji\r\n\ttabs and newlines\n\n",
+    "It's what they'd say: we'll see, you're right, I'm here, they've gone.",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer():
+    """A byte-level BPE of 600 text tokens and a 64-code visual vocabulary (codebook of small_vq)."""
+    from emu3.tokenizer import TextTokenizer
+
+    return TextTokenizer.train(CORPUS, 600, 64, min_frequency=1)
+
+
+def released_tokenizer_dir(folder: Path) -> Path:
+    """A folder in the released layout with the real vocabulary: dashscope ships qwen.tiktoken, the same
+    151,643-entry BPE file that BAAI ships as emu3.tiktoken."""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.find_spec("dashscope")
+    if spec is None:
+        pytest.skip("dashscope (dev extra) not installed: no copy of the real BPE file")
+    source = Path(spec.submodule_search_locations[0]) / "resources" / "qwen.tiktoken"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source, folder / "emu3.tiktoken")
+    visual = [f"<|visual token {k:06d}|>" for k in range(32768)]
+    lines = ["<|image token|>", "<|image start|>", "<|image end|>", *visual]
+    (folder / "emu3_vision_tokens.txt").write_text("\n".join(lines) + "\n")
+    return folder

@@ -130,3 +130,21 @@ def test_bomb_png_is_refused_without_a_huge_allocation(tiny_dir, tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr and "limit" in p.stderr
     peak_kib = int(p.stdout.split()[-1])
     assert peak_kib < 1_000_000, peak_kib  # well under the 1.2 GB a decode would need
+
+
+def test_tokenizer_train_encode_decode(tmp_path, capsys):
+    from tests.conftest import CORPUS
+
+    (tmp_path / "corpus.txt").write_text("\n".join(CORPUS))
+    code, out, _ = run(capsys, "tokenizer", "train", tmp_path / "corpus.txt", "--vocab-size", 400,
+                       "--codebook-size", 64, "--min-frequency", 1, "-o", tmp_path / "tok")
+    assert code == 0 and "+ 211 control tokens + 64 visual tokens" in out
+    code, out, _ = run(capsys, "tokenizer", "encode", "--tokenizer", tmp_path / "tok", "red circle<|extra_204|>")
+    ids = [int(x) for x in out.split()]
+    assert code == 0 and ids[-1] == 400 + 3 + 204
+    code, out, _ = run(capsys, "tokenizer", "decode", "--tokenizer", tmp_path / "tok", *map(str, ids))
+    assert out == "red circle<|extra_204|>\n"
+    code, _, err = run(capsys, "tokenizer", "encode", "--tokenizer", tmp_path / "tok", "<|visual token 000064|>")
+    assert code == 2 and "unknown special token" in err
+    code, _, err = run(capsys, "tokenizer", "train", tmp_path / "missing.txt", "-o", tmp_path / "t2")
+    assert code == 2 and "no such text file" in err

@@ -17,6 +17,7 @@ from . import __version__, media
 from .errors import Emu3Error, InputError
 from .fsutil import atomic_file
 from .metrics import psnr, ssim
+from .tokenizer import TextTokenizer
 from .vision import MODES, PRESET_PROCESSORS, VisionTokenizer
 from .vq import num_parameters
 
@@ -145,6 +146,37 @@ def cmd_vq_reconstruct(args) -> None:
           f"({n} frame{'s' * (n > 1)} at {w}x{h}, codes {grid}{mode}); wrote {args.output}")
 
 
+def cmd_tokenizer_train(args) -> None:
+    paths = [Path(p) for p in args.text]
+    for p in paths:
+        if not p.is_file():
+            raise InputError(f"{p}: no such text file")
+
+    def lines():
+        for p in paths:
+            with open(p, encoding="utf-8", errors="replace") as f:
+                yield from f
+
+    tok = TextTokenizer.train(lines(), args.vocab_size, args.codebook_size, args.min_frequency)
+    tok.save_pretrained(args.output)
+    print(f"wrote {args.output}: {tok.vocab.text_size} text tokens + 211 control tokens + "
+          f"{tok.vocab.codebook_size} visual tokens = {tok.vocab.size} ids")
+
+
+def cmd_tokenizer_encode(args) -> None:
+    tok = TextTokenizer.from_pretrained(args.tokenizer)
+    print(" ".join(map(str, tok.encode(args.text, allow_special=not args.plain))))
+
+
+def cmd_tokenizer_decode(args) -> None:
+    tok = TextTokenizer.from_pretrained(args.tokenizer)
+    try:
+        ids = [int(x) for x in " ".join(args.ids).replace(",", " ").split()]
+    except ValueError as e:
+        raise InputError(f"ids must be integers ({e})") from None
+    print(tok.decode(ids, skip_special_tokens=args.skip_special_tokens))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emu3", description="Emu3: next-token prediction for text, images and video.")
     parser.add_argument("--version", action="version", version=f"emu3 {__version__}")
@@ -206,6 +238,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT")
     video_opts(p)
     p.set_defaults(func=cmd_vq_reconstruct)
+
+    tk = sub.add_parser("tokenizer", help="the text tokenizer: train one, encode and decode")
+    tks = tk.add_subparsers(dest="action", required=True)
+    p = tks.add_parser("train", help="train a byte-level BPE on text files and write tokenizer.json")
+    p.add_argument("text", nargs="+", metavar="TEXT_FILE")
+    p.add_argument("--vocab-size", type=int, default=8192, help="BPE text tokens (default 8192)")
+    p.add_argument("--codebook-size", type=int, default=32768,
+                   help="visual codes of the vision tokenizer it will be used with (default 32768)")
+    p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_tokenizer_train)
+    p = tks.add_parser("encode", help="print the ids of a text")
+    p.add_argument("--tokenizer", required=True, metavar="DIR")
+    p.add_argument("--plain", action="store_true", help="special-token strings stay plain text")
+    p.add_argument("text")
+    p.set_defaults(func=cmd_tokenizer_encode)
+    p = tks.add_parser("decode", help="print the text of ids")
+    p.add_argument("--tokenizer", required=True, metavar="DIR")
+    p.add_argument("--skip-special-tokens", action="store_true")
+    p.add_argument("ids", nargs="+")
+    p.set_defaults(func=cmd_tokenizer_decode)
     return parser
 
 
