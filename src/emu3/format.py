@@ -173,13 +173,12 @@ class Formatter:
         codes = self._codes(codes, 2)
         h, w = codes.shape
         v = self.vocab
-        meta = self.text(f"{h}*{w}")
-        seq = self.vocab.visual(to_sequence(codes, self.order, self.block)).reshape(h, w)
+        head = self.image_header(h, w)
+        seq = v.visual(to_sequence(codes, self.order, self.block)).reshape(h, w)
         body = np.concatenate([seq, np.full((h, 1), v.eol)], axis=1).reshape(-1)  # (h * (w + 1),)
-        ids = np.concatenate([[v.boi], meta, [v.img], body, [v.eof, v.eoi]])
+        ids = np.concatenate([head, body, [v.eof, v.eoi]])
         types = np.full(len(ids), TokenType.MARKUP, np.uint8)
-        start = 2 + len(meta)
-        types[start:start + len(body)][body != v.eol] = TokenType.VISUAL
+        types[len(head):len(head) + len(body)][body != v.eol] = TokenType.VISUAL
         return ids, types
 
     def image_header(self, h: int, w: int) -> np.ndarray:

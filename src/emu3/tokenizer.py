@@ -35,6 +35,9 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+import tiktoken
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
 from .errors import CheckpointError, InputError
 from .fsutil import atomic_dir
 
@@ -202,6 +205,16 @@ def token_bytes_to_string(b: bytes) -> str:
     return "".join(BYTE_TO_UNICODE[x] for x in b)
 
 
+def _hf_tokenizer(model) -> Tokenizer:
+    """A `tokenizers` pipeline with Emu3's normalisation and pre-tokenization around a BPE model."""
+    tok = Tokenizer(model)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PAT_STR), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return tok
+
+
 # --------------------------------------------------------------------------------------------
 # The tokenizer
 
@@ -210,8 +223,6 @@ class TextTokenizer:
     """Emu3's text tokenizer over a `Vocabulary`: encode(text) -> ids, decode(ids) -> text."""
 
     def __init__(self, ranks: dict[bytes, int], codebook_size: int):
-        import tiktoken  # the BPE engine
-
         if sorted(ranks.values()) != list(range(len(ranks))):
             raise CheckpointError("BPE ranks must be exactly 0 .. n-1")
         missing = [b for b in range(256) if bytes([b]) not in ranks]
@@ -301,22 +312,14 @@ class TextTokenizer:
             (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
     def _tokenizer_json(self) -> str:
-        from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-
         vocab = {token_bytes_to_string(b): i for b, i in self.ranks.items()}
         merges = []
         for b, rank in sorted(self.ranks.items(), key=lambda kv: kv[1]):
             if len(b) > 1:
                 left, right = self._split(b, rank)
                 merges.append((token_bytes_to_string(left), token_bytes_to_string(right)))
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-        tok.normalizer = normalizers.NFC()
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(PAT_STR), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok = _hf_tokenizer(models.BPE(vocab=vocab, merges=merges))
         tok.decoder = decoders.ByteLevel()
-        from tokenizers import AddedToken
-
         tok.add_special_tokens([AddedToken(s, special=True, normalized=False)
                                 for s in self.vocab.special_tokens()])
         return tok.to_str(pretty=True)
@@ -335,15 +338,9 @@ class TextTokenizer:
     @classmethod
     def train(cls, texts, vocab_size: int, codebook_size: int, min_frequency: int = 2) -> TextTokenizer:
         """Train a byte-level BPE (Qwen pre-tokenization, NFC) on an iterable of strings."""
-        from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
-
         if vocab_size < 256:
             raise InputError(f"vocab_size must be >= 256 (the byte alphabet), got {vocab_size}")
-        tok = Tokenizer(models.BPE())
-        tok.normalizer = normalizers.NFC()
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(PAT_STR), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok = _hf_tokenizer(models.BPE())
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tok.train_from_iterator(texts, trainer)
