@@ -292,3 +292,21 @@ def test_any_truncation_is_flagged_and_consistent(small_tokenizer, cut, order):
             assert np.array_equal(img.codes, codes)
         else:
             assert img.problem and np.array_equal(img.codes[img.known], codes[img.known])
+
+
+def test_spiral_inpainting_prompt_keeps_exactly_the_border(small_tokenizer):
+    from emu3.orders import border_tokens
+
+    fmt = Formatter(small_tokenizer, order="spiral")
+    codes = grid(6, 8, 4)
+    n = border_tokens(6, 8, 2)
+    prompt = fmt.partial_image_prompt("a cat", codes, n)
+    full = fmt.t2i("a cat", codes).ids
+    assert np.array_equal(prompt, full[:len(prompt)])  # a true prefix of the full sequence
+    (_, image) = fmt.parse(prompt, strict=False)
+    i, j = np.indices((6, 8))
+    ring = np.minimum(np.minimum(i, j), np.minimum(5 - i, 7 - j))
+    assert not image.complete and np.array_equal(image.known, ring < 2)
+    assert np.array_equal(image.codes[image.known], codes[ring < 2])
+    with pytest.raises(InputError, match=r"known_tokens must be in \[0, 48\]"):
+        fmt.partial_image_prompt("a cat", codes, 49)

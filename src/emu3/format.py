@@ -324,6 +324,19 @@ class Formatter:
         """B prompt+suffix BOI "{h}*{w}" IMG. Released checkpoints use suffix=POSITIVE_SUFFIX."""
         return np.concatenate([[self.vocab.bos], self.text(prompt + suffix), self.image_header(*grid)])
 
+    def partial_image_prompt(self, prompt: str, codes, known_tokens: int, suffix: str = "") -> np.ndarray:
+        """B prompt+suffix, then the image string of `codes` cut after its first `known_tokens` visual
+        tokens (in this formatter's order, EOL after every w): the model continues the rest. With
+        order="spiral" and known_tokens = orders.border_tokens(h, w, k), this inpaints the interior."""
+        codes = self._codes(codes, 2)
+        h, w = codes.shape
+        if not 0 <= known_tokens <= h * w:
+            raise InputError(f"known_tokens must be in [0, {h * w}] for a {h}x{w} grid, got {known_tokens}")
+        ids, _ = self.image(codes)
+        head = len(self.image_header(h, w))
+        cut = head + known_tokens + known_tokens // w  # every full run of w tokens brings its EOL
+        return np.concatenate([[self.vocab.bos], self.text(prompt + suffix), ids[:cut]])
+
     def negative_prompt(self, grid: tuple[int, int], negative: str = "") -> np.ndarray:
         """The unconditional twin for CFG. Released checkpoints use negative=NEGATIVE_PROMPT; models
         trained with caption dropout use the empty caption."""
