@@ -9,6 +9,10 @@ Vision tokenizer layouts (detected from config.json, then checked key by key):
 - "transformers-full": an `Emu3-*-hf` folder (model_type "emu3", `vq_config` nested): sharded, the
   VQ under "vqmodel." (as transformers writes it) or "model.vqmodel." (its in-memory name).
 
+Language model layouts: "released" (Emu3-Gen / -Chat / -Stage1: config.json with Emu3Config fields,
+shards + index, keys as in `emu3.model`) and "transformers" (an -hf folder: `text_config`, the LM
+under "text_model.model." / "text_model.lm_head.", or transformers' in-memory "model.text_model.").
+
 Loading is strict: the key set and every shape are compared with the model *before* a tensor is
 read, and a mismatch is one error that names the missing, unexpected and misshaped keys.
 """
@@ -26,6 +30,8 @@ from safetensors.torch import save_file
 
 from .errors import CheckpointError
 from .fsutil import atomic_dir, atomic_file
+from .model import Emu3LM, ModelConfig
+from .tokenizer import Vocabulary
 from .vq import VisionVQ, VQConfig
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -276,3 +282,163 @@ def save_vq(model: VisionVQ, folder: str | os.PathLike, layout: str = "released"
         write_json(tmp / "config.json", config)
         for name, data in (extra_files or {}).items():
             write_json(tmp / name, data)
+
+
+# --------------------------------------------------------------------------------------------
+# Language model: released (Emu3-Gen / -Chat / -Stage1) and transformers (-hf) folders
+
+_HF_TEXT_PREFIXES = (("text_model.model.", "model."), ("text_model.lm_head.", "lm_head."),  # on disk
+                     ("model.text_model.", "model."))  # transformers' in-memory names
+
+
+def model_config_from_hf(text: dict, where: str) -> ModelConfig:
+    """An -hf `text_config` -> ModelConfig (token ids of the image markers follow the Emu3 layout)."""
+    rope = text.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", text.get("rope_theta", 1e6))
+    scaling = text.get("rope_scaling")
+    if rope.get("rope_type", "default") not in ("default", None):
+        scaling = {"type": rope["rope_type"], "factor": rope.get("factor", 1.0)}
+    known = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
+             "pad_token_id", "bos_token_id", "eos_token_id", "attention_dropout"}
+    d = {k: v for k, v in text.items() if k in known}
+    try:
+        text_size = d.get("pad_token_id", 151643)  # <|endoftext|> sits right after the BPE ids
+        vocab = Vocabulary(text_size, d.get("vocab_size", 184622) - text_size - 211)
+        return ModelConfig(**{**d, "rope_theta": theta, "rope_scaling": scaling, "img_token_id": vocab.img,
+                              "boi_token_id": vocab.boi, "eoi_token_id": vocab.eoi, "eol_token_id": vocab.eol,
+                              "eof_token_id": vocab.eof})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: invalid text_config ({e})") from None
+
+
+def model_config_to_hf(cfg: ModelConfig) -> dict:
+    """ModelConfig -> an -hf `text_config` (transformers 5 field names)."""
+    d = {k: v for k, v in cfg.to_dict().items()
+         if k not in ("img_token_id", "boi_token_id", "eoi_token_id", "eol_token_id", "eof_token_id", "image_area",
+                      "rope_theta", "rope_scaling", "tie_word_embeddings")}
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_factor != 1.0:
+        rope = {"rope_type": "linear", "rope_theta": cfg.rope_theta, "factor": cfg.rope_factor}
+    return {**d, "model_type": "emu3_text_model", "rope_parameters": rope, "tie_word_embeddings": False}
+
+
+def model_layout(folder: Path) -> tuple[str, ModelConfig, dict[str, str], dict[str, Path]]:
+    """(layout, config, {file key: our key}, {file key: file}) of a language-model folder."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such folder")
+    cfg_path = folder / "config.json"
+    d = read_json(cfg_path)
+    files = weight_files(folder)
+    if d.get("model_type") == "emu3" or "text_config" in d:
+        if not isinstance(d.get("text_config"), dict):
+            raise CheckpointError(f"{cfg_path}: an Emu3 -hf config without a text_config object")
+        cfg = model_config_from_hf(d["text_config"], str(cfg_path))
+        names = {}
+        for key in files:
+            for old, new in _HF_TEXT_PREFIXES:
+                if key.startswith(old):
+                    names[key] = new + key[len(old):]
+        return "transformers", cfg, names, {k: files[k] for k in names}
+    if d.get("model_type") not in (None, "Emu3") or "hidden_size" not in d:
+        raise CheckpointError(f"{cfg_path}: not an Emu3 language model config (model_type={d.get('model_type')!r})")
+    try:
+        cfg = ModelConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path}: invalid Emu3 config ({e})") from None
+    return "released", cfg, {k: k for k in files}, files
+
+
+def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = torch.float32) -> Emu3LM:
+    """Load the language model of a released or -hf folder, strictly, in eval mode.
+
+    Keys and shapes are checked from the safetensors headers first; tensors are then read one at a
+    time from the memory-mapped files and cast, so the peak is the model in `dtype` plus one tensor.
+    """
+    folder = Path(folder)
+    _, cfg, names, files = model_layout(folder)
+    with torch.device("meta"):
+        model = Emu3LM(cfg)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = read_shapes(files)
+    check_keys(str(folder), {names[k]: s for k, s in got.items()}, want)
+    by_file: dict[Path, list[str]] = {}
+    for key in files:
+        by_file.setdefault(files[key], []).append(key)
+    state = {}
+    for f, keys in by_file.items():
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in keys:
+                    state[names[key]] = handle.get_tensor(key).to(device=device, dtype=dtype or None)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f}: cannot read tensor data ({e})") from None
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def _write_shards(tmp: Path, state: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+    """model.safetensors, or model-0000i-of-0000N.safetensors + model.safetensors.index.json."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v.detach().cpu().contiguous()
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(tmp / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def save_model(model: Emu3LM, folder: str | os.PathLike, tokenizer=None, vq: VisionVQ | None = None,
+               layout: str = "released", max_shard_bytes: int = 5_000_000_000,
+               extra_files: dict[str, dict] | None = None) -> None:
+    """Write a model folder atomically.
+
+    released: config.json (Emu3Config fields) + shards, the tokenizer as tokenizer.json, and the VQ (if
+    given) in `vision_tokenizer/`. transformers: one -hf folder (text_config, vq_config, the LM under
+    `text_model.`, the VQ under `vqmodel.`, tokenizer.json), loadable by Emu3ForConditionalGeneration.
+    """
+    if layout not in ("released", "transformers"):
+        raise CheckpointError(f"unknown layout {layout!r}; choose released or transformers")
+    cfg = model.config
+    dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    state = dict(model.state_dict())
+    with atomic_dir(folder) as tmp:
+        if layout == "released":
+            config = {"architectures": ["Emu3ForCausalLM"], "model_type": "Emu3", **cfg.to_dict(), "torch_dtype": dtype}
+            if vq is not None:
+                save_vq(vq, tmp / "vision_tokenizer", extra_files=(extra_files or {}).get("vision_tokenizer"))
+        else:
+            if vq is None:
+                raise CheckpointError("the transformers layout holds the VQ too: pass vq=")
+            state = {("text_model.lm_head." + k[len("lm_head."):]) if k.startswith("lm_head.") else
+                     ("text_model." + k): v for k, v in state.items()}
+            to_hf = vq_key_map(vq.config)
+            state.update({"vqmodel." + to_hf[k]: v.reshape(hf_vq_shape(to_hf[k], tuple(v.shape)))
+                          for k, v in vq.state_dict().items()})
+            vocab = cfg.vocabulary()
+            config = {"architectures": ["Emu3ForConditionalGeneration"], "model_type": "emu3",
+                      "text_config": model_config_to_hf(cfg), "vq_config": vq_config_to_hf(vq.config),
+                      "vocabulary_map": vocab.special_tokens(), "tie_word_embeddings": False, "dtype": dtype}
+        _write_shards(tmp, state, max_shard_bytes)
+        write_json(tmp / "config.json", config)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / "tokenizer")
+            for f in (tmp / "tokenizer").iterdir():
+                os.replace(f, tmp / f.name)
+            (tmp / "tokenizer").rmdir()
+        for name, data in (extra_files or {}).items():
+            if name != "vision_tokenizer":
+                write_json(tmp / name, data)
