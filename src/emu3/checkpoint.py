@@ -415,11 +415,14 @@ def save_model(model: Emu3LM, folder: str | os.PathLike, tokenizer=None, vq: Vis
     cfg = model.config
     dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
     state = dict(model.state_dict())
+    extra_files = dict(extra_files or {})
+    if layout == "transformers":  # transformers' text_config has no image_area: keep it with the defaults
+        extra_files["emu3_defaults.json"] = {"image_area": cfg.image_area, **extra_files.get("emu3_defaults.json", {})}
     with atomic_dir(folder) as tmp:
         if layout == "released":
             config = {"architectures": ["Emu3ForCausalLM"], "model_type": "Emu3", **cfg.to_dict(), "torch_dtype": dtype}
             if vq is not None:
-                save_vq(vq, tmp / "vision_tokenizer", extra_files=(extra_files or {}).get("vision_tokenizer"))
+                save_vq(vq, tmp / "vision_tokenizer", extra_files=extra_files.get("vision_tokenizer"))
         else:
             if vq is None:
                 raise CheckpointError("the transformers layout holds the VQ too: pass vq=")
@@ -439,6 +442,6 @@ def save_model(model: Emu3LM, folder: str | os.PathLike, tokenizer=None, vq: Vis
             for f in (tmp / "tokenizer").iterdir():
                 os.replace(f, tmp / f.name)
             (tmp / "tokenizer").rmdir()
-        for name, data in (extra_files or {}).items():
+        for name, data in extra_files.items():
             if name != "vision_tokenizer":
                 write_json(tmp / name, data)

@@ -21,15 +21,20 @@ from .tokenizer import TextTokenizer
 from .vision import MODES, PRESET_PROCESSORS, VisionTokenizer
 from .vq import num_parameters
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+NO_MODEL = ("--model DIR is required until the built-in model ships: pass an Emu3 model folder (Emu3-Gen, "
+            "Emu3-Chat, Emu3-Stage1, an Emu3-*-hf folder, or one written by emu3's training)")
 NO_TOKENIZER = ("--tokenizer DIR is required until the built-in model ships: pass a vision tokenizer folder "
                 "(config.json + model.safetensors): BAAI's Emu3-VisionTokenizer, an Emu3-*-hf folder, a "
                 "transformers Emu3VQVAE folder, or one made by `emu3 vq init`")
 
 
 def _device_dtype(args):
-    dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
+    if args.dtype == "auto":  # bf16 on accelerators, fp32 on the CPU
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    else:
+        dtype = getattr(torch, args.dtype)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {args.device}: CUDA is not available on this machine")
     if device.type == "mps" and not torch.backends.mps.is_available():
@@ -177,6 +182,117 @@ def cmd_tokenizer_decode(args) -> None:
     print(tok.decode(ids, skip_special_tokens=args.skip_special_tokens))
 
 
+def _pipeline(args):
+    from .pipeline import Emu3
+
+    if not args.model:
+        raise InputError(NO_MODEL)
+    device, dtype = _device_dtype(args)
+    return Emu3.from_pretrained(args.model, args.tokenizer, device=device, dtype=dtype)
+
+
+def _numbered(path: Path, i: int, count: int) -> Path:
+    return path if count == 1 else path.with_name(f"{path.stem}-{i:03d}{path.suffix}")
+
+
+def _sampling_kwargs(args) -> dict:
+    return dict(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                negative_prompt=args.negative)
+
+
+def cmd_generate(args) -> None:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise InputError(f"{path}: no such prompts file")
+        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise InputError("give a prompt, or --prompts-file with one prompt per line")
+    out = Path(args.output)
+    media.check_output_suffix(out, "image")
+    if args.save_tokens and Path(args.save_tokens).suffix != ".npy":
+        raise InputError(f"{args.save_tokens}: tokens are written as .npy")
+    emu = _pipeline(args)
+    images = emu.generate_images(prompts, n=args.n, ratio=args.ratio, image_area=args.image_area, seed=args.seed,
+                                 suffix=args.suffix, batch_size=args.batch_size, progress=not args.quiet,
+                                 **_sampling_kwargs(args))
+    for i, g in enumerate(images):
+        media.write_media(_numbered(out, i, len(images)), g.pixels)
+    if args.save_tokens:
+        with atomic_file(Path(args.save_tokens)) as tmp:
+            np.save(tmp, np.stack([g.codes for g in images]).astype(np.int64))
+    (h, w), (ph, pw) = images[0].codes.shape, images[0].pixels.shape[:2]
+    where = out if len(images) == 1 else f"{_numbered(out, 0, 2)} ..."
+    print(f"wrote {len(images)} image(s) of {pw}x{ph} ({h}x{w} codes) to {where} in "
+          f"{sum(g.seconds for g in images):.1f} s")
+
+
+def cmd_chat(args) -> None:
+    from .format import RELEASED_CHAT_TEMPLATE, STAGE1_TEMPLATE
+
+    image = media.open_image(args.image)
+    emu = _pipeline(args)
+    template = {"released": RELEASED_CHAT_TEMPLATE, "stage1": STAGE1_TEMPLATE}.get(args.template, args.template)
+    print(emu.chat(image, args.question, max_new_tokens=args.max_new_tokens, template=template,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+
+
+def cmd_generate_video(args) -> None:
+    media.check_output_suffix(args.output, "video")
+    emu = _pipeline(args)
+    g = emu.generate_video(args.prompt, args.frames, ratio=args.ratio, image_area=args.image_area, fps=args.fps,
+                           seed=args.seed, progress=not args.quiet, **_sampling_kwargs(args))
+    fps = args.fps or emu.defaults.video_fps or 24.0
+    media.write_media(args.output, g.pixels, fps)
+    grid = "x".join(map(str, g.codes.shape))
+    print(f"wrote {args.output}: {len(g.pixels)} frames ({grid} codes) in {g.seconds:.1f} s")
+
+
+def cmd_extend_video(args) -> None:
+    media.check_output_suffix(args.output, "video")
+    emu = _pipeline(args)
+    vision = emu._need_vision()
+    video = vision.read_video(args.input, fps=args.fps, max_frames=args.max_frames)
+    g = emu.extend_video(video.frames, args.prompt, args.frames, fps=video.fps, seed=args.seed,
+                         progress=not args.quiet, **_sampling_kwargs(args))
+    media.write_media(args.output, g.pixels, video.fps)
+    print(f"wrote {args.output}: {len(video.frames)} given + {len(g.pixels) - len(video.frames)} generated frames "
+          f"in {g.seconds:.1f} s")
+
+
+def cmd_inpaint(args) -> None:
+    media.check_output_suffix(args.output, "image")
+    image = media.open_image(args.image)
+    emu = _pipeline(args)
+    g = emu.inpaint(image, args.prompt, args.rings, seed=args.seed, order=args.order, **_sampling_kwargs(args))
+    media.write_media(args.output, g.pixels)
+    print(f"wrote {args.output}: kept {args.rings} border rings of {g.codes.shape[0]}x{g.codes.shape[1]} codes")
+
+
+def cmd_convert(args) -> None:
+    from .checkpoint import load_model, save_model
+
+    emu_dir = Path(args.input)
+    model = load_model(emu_dir, dtype=None)
+    tokenizer = TextTokenizer.from_pretrained(emu_dir)
+    vision_dir = args.tokenizer or (emu_dir / "vision_tokenizer" if (emu_dir / "vision_tokenizer").is_dir() else None)
+    if vision_dir is None and (emu_dir / "config.json").exists() and "vq_config" in json.loads(
+            (emu_dir / "config.json").read_text()):
+        vision_dir = emu_dir
+    vision = VisionTokenizer.from_pretrained(vision_dir, dtype=None) if vision_dir else None
+    if args.layout == "transformers" and vision is None:
+        raise InputError("the transformers layout includes the vision tokenizer: pass --tokenizer DIR")
+    extra = {}
+    if (emu_dir / "emu3_defaults.json").exists():
+        extra["emu3_defaults.json"] = json.loads((emu_dir / "emu3_defaults.json").read_text())
+    if vision is not None and args.layout == "released":
+        extra["vision_tokenizer"] = {"preprocessor_config.json": vision.processor.to_dict()}
+    save_model(model, args.output, tokenizer=tokenizer, vq=vision.model if vision else None, layout=args.layout,
+               extra_files=extra)
+    print(f"wrote {args.output} ({args.layout} layout{', with the vision tokenizer' if vision else ''})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emu3", description="Emu3: next-token prediction for text, images and video.")
     parser.add_argument("--version", action="version", version=f"emu3 {__version__}")
@@ -238,6 +354,84 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT")
     video_opts(p)
     p.set_defaults(func=cmd_vq_reconstruct)
+
+    def lm_opts(p):
+        p.add_argument("--model", metavar="DIR", help="Emu3 model folder (released or -hf layout)")
+        p.add_argument("--tokenizer", metavar="DIR",
+                       help="vision tokenizer folder (default: DIR/vision_tokenizer, or the -hf folder itself)")
+        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
+        p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bf16 on GPUs, fp32 on the CPU")
+        p.add_argument("--seed", type=int, default=0, help="per-request seed (image j of prompt i: seed + i*n + j)")
+        p.add_argument("--temperature", type=float, help="0 means greedy")
+        p.add_argument("--top-k", type=int, help="0 means off (released images: 2048)")
+        p.add_argument("--top-p", type=float, help="1 means off")
+
+    def guidance_opts(p):
+        p.add_argument("--cfg", type=float, help="classifier-free guidance scale (released: 3.0; 1 = off)")
+        p.add_argument("--negative", help="negative prompt (default: the checkpoint's)")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("generate", help="text-to-image")
+    p.add_argument("prompt", nargs="*")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.png", help="several images: OUT-000.png, ...")
+    p.add_argument("--prompts-file", metavar="FILE", help="one prompt per line")
+    p.add_argument("--n", type=int, default=1, help="images per prompt")
+    p.add_argument("--ratio", help="'W:H' (default 1:1)")
+    p.add_argument("--image-area", type=int, help="pixels (default: the model's, 720*720 for Emu3-Gen)")
+    p.add_argument("--suffix", help="appended to each prompt (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--save-tokens", metavar="FILE.npy", help="write the code grids as int64 (n, h, w)")
+    lm_opts(p)
+    guidance_opts(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="answer a question about an image")
+    p.add_argument("question")
+    p.add_argument("--image", required=True)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--template", default="released",
+                   help="released (Emu3-Chat), stage1 (base model captioning), or a template string")
+    lm_opts(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate-video", help="text-to-video")
+    p.add_argument("prompt")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.mp4")
+    p.add_argument("--frames", type=int, default=4, help="latent frames (4 video frames each)")
+    p.add_argument("--fps", type=float)
+    p.add_argument("--ratio")
+    p.add_argument("--image-area", type=int)
+    lm_opts(p)
+    guidance_opts(p)
+    p.set_defaults(func=cmd_generate_video)
+
+    p = sub.add_parser("extend-video", help="continue a video")
+    p.add_argument("input", metavar="VIDEO")
+    p.add_argument("prompt")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.mp4")
+    p.add_argument("--frames", type=int, default=2, help="new latent frames (4 video frames each)")
+    p.add_argument("--fps", type=float, help="read the input at this rate")
+    p.add_argument("--max-frames", type=int, help="use at most this many input frames")
+    lm_opts(p)
+    guidance_opts(p)
+    p.set_defaults(func=cmd_extend_video)
+
+    p = sub.add_parser("inpaint", help="keep an image's border, generate the inside (spiral-in order)")
+    p.add_argument("image")
+    p.add_argument("prompt")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--rings", type=int, default=2, help="border rings of codes to keep")
+    p.add_argument("--order", default="spiral", help="token order the model was trained with")
+    lm_opts(p)
+    guidance_opts(p)
+    p.set_defaults(func=cmd_inpaint)
+
+    p = sub.add_parser("convert", help="rewrite a model folder in the released or transformers (-hf) layout")
+    p.add_argument("input", metavar="DIR")
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.add_argument("--layout", default="released", choices=("released", "transformers"))
+    p.add_argument("--tokenizer", metavar="DIR", help="vision tokenizer to include")
+    p.set_defaults(func=cmd_convert)
 
     tk = sub.add_parser("tokenizer", help="the text tokenizer: train one, encode and decode")
     tks = tk.add_subparsers(dest="action", required=True)

@@ -1,0 +1,275 @@
+"""Generation tasks on a model folder: text-to-image, image understanding, text-to-video, video
+extension and inpainting. Builds prompts (`emu3.format`), runs the engine (`emu3.generate`) and turns
+tokens into media with the vision tokenizer (`emu3.vision`).
+
+A model folder holds the language model (released or -hf layout), its text tokenizer, and
+optionally `vision_tokenizer/` and `emu3_defaults.json`. Defaults follow the checkpoint: a folder
+without `emu3_defaults.json` gets the released recipe (positive suffix, negative prompt, CFG 3.0,
+top-k 2048 for images, greedy text, the released chat template); our own models carry theirs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import load_model, read_json
+from .errors import CheckpointError, InputError
+from .format import NEGATIVE_PROMPT, POSITIVE_SUFFIX, RELEASED_CHAT_TEMPLATE, Formatter, Image, Video, generation_grid
+from .generate import Engine, Request, Sampling, image_template, video_template
+from .model import Emu3LM
+from .orders import border_tokens
+from .tokenizer import TextTokenizer
+from .vision import VisionTokenizer
+
+DEFAULTS_FILE = "emu3_defaults.json"
+
+
+@dataclass
+class Defaults:
+    """Generation defaults; the field values below are the released scripts'."""
+
+    positive_suffix: str = POSITIVE_SUFFIX
+    negative_prompt: str = NEGATIVE_PROMPT
+    cfg_scale: float = 3.0
+    ratio: str = "1:1"
+    image_area: int | None = None  # None: the model config's image_area
+    image_temperature: float = 1.0
+    image_top_k: int = 2048
+    image_top_p: float = 1.0
+    text_temperature: float = 0.0  # greedy
+    text_top_k: int = 0
+    text_top_p: float = 1.0
+    max_new_tokens: int = 1024
+    chat_template: str = RELEASED_CHAT_TEMPLATE
+    video_fps: float | None = None
+    order: str = "raster"
+
+    @classmethod
+    def load(cls, folder: Path) -> Defaults:
+        path = folder / DEFAULTS_FILE
+        if not path.exists():
+            return cls()
+        d = read_json(path)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise CheckpointError(f"{path}: unknown fields {', '.join(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class Generated:
+    """One generated image or video: its prompt, seed, codes and pixels (uint8), and the raw tokens."""
+
+    prompt: str
+    seed: int
+    codes: np.ndarray  # (h, w) or (t, h, w)
+    pixels: np.ndarray  # (H, W, 3) or (T, H, W, 3)
+    tokens: np.ndarray
+    seconds: float
+
+
+class Emu3:
+    """Model + text tokenizer + vision tokenizer + defaults, with one method per task."""
+
+    def __init__(self, model: Emu3LM, tokenizer: TextTokenizer, vision: VisionTokenizer | None,
+                 defaults: Defaults | None = None, fast: bool = True, compile: bool = False):
+        self.model, self.tokenizer, self.vision = model, tokenizer, vision
+        self.defaults = defaults or Defaults()
+        self.vocab = tokenizer.vocab
+        if model.config.vocab_size != self.vocab.size:
+            raise CheckpointError(f"the text tokenizer has {self.vocab.size} ids but the model "
+                                  f"{model.config.vocab_size}")
+        model.config.vocabulary()  # token ids must follow the layout
+        if vision is not None and vision.model.config.codebook_size != self.vocab.codebook_size:
+            raise CheckpointError(f"the vision tokenizer has {vision.model.config.codebook_size} codes but the "
+                                  f"vocabulary {self.vocab.codebook_size}")
+        self.engine = Engine(model, self.vocab, fast=fast, compile=compile)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, vision_folder: str | os.PathLike | None = None,
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        **kwargs) -> Emu3:
+        """Load a model folder; the vision tokenizer comes from `vision_folder`, else from the folder's
+        `vision_tokenizer/`, else from the folder itself when it is an -hf checkpoint."""
+        folder = Path(folder)
+        model = load_model(folder, device=device, dtype=dtype)
+        tokenizer = TextTokenizer.from_pretrained(folder)
+        if vision_folder is None:
+            if (folder / "vision_tokenizer").is_dir():
+                vision_folder = folder / "vision_tokenizer"
+            elif "vq_config" in read_json(folder / "config.json"):
+                vision_folder = folder
+        vision = VisionTokenizer.from_pretrained(vision_folder, device=device) if vision_folder else None
+        return cls(model, tokenizer, vision, Defaults.load(folder), **kwargs)
+
+    # ---- helpers ----
+
+    def _formatter(self, order: str | None = None) -> Formatter:
+        return Formatter(self.tokenizer, order or self.defaults.order)
+
+    def _need_vision(self) -> VisionTokenizer:
+        if self.vision is None:
+            raise InputError("this task needs a vision tokenizer: pass one (--tokenizer DIR) or put it in the "
+                             "model folder as vision_tokenizer/")
+        return self.vision
+
+    def grid(self, ratio: str | None = None, image_area: int | None = None) -> tuple[int, int]:
+        area = image_area or self.defaults.image_area or self.model.config.image_area
+        factor = self.vision.model.config.spatial_factor if self.vision is not None else 8
+        return generation_grid(ratio or self.defaults.ratio, area, factor)
+
+    def _image_sampling(self, temperature, top_k, top_p) -> Sampling:
+        d = self.defaults
+        return Sampling(d.image_temperature if temperature is None else temperature,
+                        d.image_top_k if top_k is None else top_k, d.image_top_p if top_p is None else top_p)
+
+    def _text_sampling(self, temperature, top_k, top_p) -> Sampling:
+        d = self.defaults
+        return Sampling(d.text_temperature if temperature is None else temperature,
+                        d.text_top_k if top_k is None else top_k, d.text_top_p if top_p is None else top_p)
+
+    def _run(self, requests: list[Request], batch_size: int, progress: bool) -> list:
+        """Run requests in batches of `batch_size` with an optional progress bar (tokens/s, time left)."""
+        if batch_size < 1:
+            raise InputError(f"batch size must be >= 1, got {batch_size}")
+        for r in requests:  # fail before any compute
+            self.engine.check([r])
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            total = sum(r.steps() for r in requests)
+            bar = tqdm(total=total, unit="tok", dynamic_ncols=True, leave=False)
+        results = []
+        for start in range(0, len(requests), batch_size):
+            batch = requests[start:start + batch_size]
+            done = [0]
+
+            def on_step(step, _total, batch=batch, done=done):
+                if bar is not None:
+                    now = sum(min(step, r.steps()) for r in batch)
+                    bar.update(now - done[0])
+                    done[0] = now
+
+            t0 = time.perf_counter()
+            out = self.engine.generate(batch, on_step=on_step)
+            seconds = time.perf_counter() - t0
+            if bar is not None:
+                bar.update(sum(r.steps() for r in batch) - done[0])
+            results += [(r, seconds / len(batch)) for r in out]
+        if bar is not None:
+            bar.close()
+        return results
+
+    # ---- tasks ----
+
+    def generate_images(self, prompts: list[str], n: int = 1, ratio: str | None = None, image_area: int | None = None,
+                        cfg_scale: float | None = None, seed: int = 0, temperature: float | None = None,
+                        top_k: int | None = None, top_p: float | None = None, negative_prompt: str | None = None,
+                        suffix: str | None = None, batch_size: int = 8, progress: bool = False) -> list[Generated]:
+        """n images per prompt; image j of prompt i uses seed + i * n + j."""
+        vision = self._need_vision()
+        if not prompts or n < 1:
+            raise InputError("need at least one prompt and n >= 1")
+        fmt = self._formatter()
+        h, w = self.grid(ratio, image_area)
+        d = self.defaults
+        cfg = d.cfg_scale if cfg_scale is None else cfg_scale
+        suffix = d.positive_suffix if suffix is None else suffix
+        negative = fmt.negative_prompt((h, w), d.negative_prompt if negative_prompt is None else negative_prompt)
+        visual = self._image_sampling(temperature, top_k, top_p)
+        requests, meta = [], []
+        for i, prompt in enumerate(prompts):
+            for j in range(n):
+                s = seed + i * n + j
+                requests.append(Request(fmt.generation_prompt(prompt, (h, w), suffix), image_template(self.vocab, h, w),
+                                        negative=negative, cfg_scale=cfg, visual=visual, seed=s))
+                meta.append((prompt, s))
+        out = []
+        for (res, seconds), req, (prompt, s) in zip(self._run(requests, batch_size, progress), requests, meta):
+            image = fmt.parse(np.concatenate([req.prompt, res.tokens]))[-1]
+            assert isinstance(image, Image) and image.complete, image  # the template guarantees the structure
+            out.append(Generated(prompt, s, image.codes, vision.decode_image(image.codes), res.tokens, seconds))
+        return out
+
+    def chat(self, image, question: str, max_new_tokens: int | None = None, template: str | None = None,
+             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+             seed: int = 0) -> str:
+        """Answer a question about an image (PIL image or uint8 (H, W, 3) at model resolution)."""
+        vision = self._need_vision()
+        codes = vision.encode_image(image).numpy()
+        prompt = self._formatter("raster").chat_prompt(codes, question, template or self.defaults.chat_template)
+        req = Request(prompt, max_new_tokens=max_new_tokens or self.defaults.max_new_tokens,
+                      text=self._text_sampling(temperature, top_k, top_p), seed=seed)
+        (res, _), = self._run([req], 1, False)
+        return self.tokenizer.decode(res.tokens, skip_special_tokens=True).strip()
+
+    def _video(self, prompt: str, frames: int, context: np.ndarray | None, ratio, image_area, fps, cfg_scale, seed,
+               temperature, top_k, top_p, negative_prompt, progress, grid=None) -> Generated:
+        vision = self._need_vision()
+        fmt = self._formatter("raster")
+        h, w = grid or self.grid(ratio, image_area)
+        known = 0 if context is None else len(context)
+        if frames < 1 + known:
+            raise InputError(f"a video of {frames} latent frames cannot extend {known} given ones")
+        fps = fps or self.defaults.video_fps
+        cond = fmt.video_prompt(prompt, (frames, h, w), fps, context)
+        neg_text = self.defaults.negative_prompt if negative_prompt is None else negative_prompt
+        negative = fmt.video_prompt(neg_text, (frames, h, w), fps, context)
+        template = video_template(self.vocab, fmt.image_header(h, w), frames - known, h, w)
+        cfg = self.defaults.cfg_scale if cfg_scale is None else cfg_scale
+        req = Request(cond, template, negative=negative, cfg_scale=cfg, seed=seed,
+                      visual=self._image_sampling(temperature, top_k, top_p))
+        (res, seconds), = self._run([req], 1, progress)
+        video = fmt.parse(np.concatenate([cond, res.tokens]))[-1]
+        assert isinstance(video, Video) and video.complete, video
+        return Generated(prompt, seed, video.codes, vision.decode_video(video.codes, "causal"), res.tokens, seconds)
+
+    def generate_video(self, prompt: str, frames: int, ratio: str | None = None, image_area: int | None = None,
+                       fps: float | None = None, cfg_scale: float | None = None, seed: int = 0,
+                       temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                       negative_prompt: str | None = None, progress: bool = False) -> Generated:
+        """Text-to-video: `frames` latent frames (4 video frames each), decoded in causal mode."""
+        return self._video(prompt, frames, None, ratio, image_area, fps, cfg_scale, seed, temperature, top_k, top_p,
+                           negative_prompt, progress)
+
+    def extend_video(self, frames_uint8: np.ndarray, prompt: str, new_frames: int, fps: float | None = None,
+                     cfg_scale: float | None = None, seed: int = 0, temperature: float | None = None,
+                     top_k: int | None = None, top_p: float | None = None, negative_prompt: str | None = None,
+                     progress: bool = False) -> Generated:
+        """Continue a video: encode its frames (causal mode), then generate `new_frames` latent frames."""
+        vision = self._need_vision()
+        context = vision.encode_video(frames_uint8, "causal").numpy()
+        return self._video(prompt, len(context) + new_frames, context, None, None, fps, cfg_scale, seed, temperature,
+                           top_k, top_p, negative_prompt, progress, grid=context.shape[1:])
+
+    def inpaint(self, image, prompt: str, rings: int, cfg_scale: float | None = None, seed: int = 0,
+                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                negative_prompt: str | None = None, suffix: str | None = None, order: str = "spiral") -> Generated:
+        """Keep the outer `rings` rings of the image's codes and generate the interior (spiral-in order;
+        meaningful with a model trained on that order)."""
+        vision = self._need_vision()
+        codes = vision.encode_image(image).numpy()
+        h, w = codes.shape
+        fmt = self._formatter(order)
+        known = border_tokens(h, w, rings)
+        d = self.defaults
+        cond = fmt.partial_image_prompt(prompt, codes, known, d.positive_suffix if suffix is None else suffix)
+        neg_text = d.negative_prompt if negative_prompt is None else negative_prompt
+        negative = fmt.partial_image_prompt(neg_text, codes, known)
+        req = Request(cond, image_template(self.vocab, h, w, known=known), negative=negative,
+                      cfg_scale=d.cfg_scale if cfg_scale is None else cfg_scale, seed=seed,
+                      visual=self._image_sampling(temperature, top_k, top_p))
+        (res, seconds), = self._run([req], 1, False)
+        image_out = fmt.parse(np.concatenate([cond, res.tokens]))[-1]
+        assert isinstance(image_out, Image) and image_out.complete, image_out
+        return Generated(prompt, seed, image_out.codes, vision.decode_image(image_out.codes), res.tokens, seconds)
+

@@ -1,0 +1,217 @@
+"""The generation engine: parity with the official recipe, CFG, constraints, sampling, fast paths."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from emu3.errors import InputError
+from emu3.format import Formatter, Image, Video
+from emu3.generate import (GREEDY, VISUAL, Engine, Request, Sampling, gumbel_noise, image_template, sample,
+                           video_template)
+from emu3.model import Emu3LM, model_config
+
+
+@pytest.fixture(scope="module")
+def lm(small_tokenizer):
+    torch.manual_seed(0)
+    model = Emu3LM(model_config("tiny", small_tokenizer.vocab, attention_dropout=0.0))
+    model.init_weights(torch.Generator().manual_seed(0))
+    with torch.no_grad():  # a peakier head, so that greedy choices are not near-ties
+        model.lm_head.weight.mul_(40)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def fmt(small_tokenizer):
+    return Formatter(small_tokenizer)
+
+
+def llama_reference(model):
+    transformers = pytest.importorskip("transformers")
+    c = model.config
+    ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, pad_token_id=c.pad_token_id,
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, tie_word_embeddings=False))
+    ref.load_state_dict(model.state_dict(), strict=True)
+    return ref.eval()
+
+
+def official_prefix_fn(vocab, h, w):
+    """Emu3PrefixConstrainedLogitsHelper as described in reference section 4.1."""
+    visual = list(range(vocab.visual_offset, vocab.size))
+
+    def allowed(batch_id, input_ids):
+        ids = input_ids.tolist()
+        offset = len(ids) - ids.index(vocab.img)
+        if offset % (w + 1) == 0:
+            return [vocab.eol]
+        if offset == (w + 1) * h + 1:
+            return [vocab.eof]
+        if offset == (w + 1) * h + 2:
+            return [vocab.eoi]
+        if offset == (w + 1) * h + 3:
+            return [vocab.eos]
+        if offset > (w + 1) * h + 3:
+            return [vocab.pad]
+        return visual
+    return allowed
+
+
+def image_request(fmt, prompt, grid, **kw):
+    return Request(fmt.generation_prompt(prompt, grid), image_template(fmt.vocab, *grid),
+                   negative=fmt.negative_prompt(grid), **kw)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_greedy_tokens_equal_the_official_recipe(lm, fmt, cfg_scale):
+    """transformers' generate with the official logits processors (unbatched CFG: a second forward per
+    token with its own cache; prefix constraint) vs our engine, greedy, batch of 2 with left padding."""
+    from transformers import LogitsProcessorList, PrefixConstrainedLogitsProcessor
+    from transformers.generation.logits_process import UnbatchedClassifierFreeGuidanceLogitsProcessor
+
+    v, (h, w) = fmt.vocab, (3, 4)
+    prompts = ["a red circle above a square", "two blue"]
+    ours = Engine(lm).generate([image_request(fmt, p, (h, w), cfg_scale=cfg_scale, visual=GREEDY) for p in prompts])
+
+    ref = llama_reference(lm)
+    rows = [fmt.generation_prompt(p, (h, w)) for p in prompts]
+    length = max(map(len, rows))
+    ids = torch.tensor([[v.pad] * (length - len(r)) + r.tolist() for r in rows])
+    mask = (torch.arange(length)[None] >= torch.tensor([length - len(r) for r in rows])[:, None]).long()
+    negative = torch.tensor(np.stack([fmt.negative_prompt((h, w))] * 2))  # same negative text for both rows
+    processors = LogitsProcessorList([PrefixConstrainedLogitsProcessor(official_prefix_fn(v, h, w), num_beams=1)])
+    if cfg_scale != 1:
+        processors.insert(0, UnbatchedClassifierFreeGuidanceLogitsProcessor(cfg_scale, ref, negative))
+    out = ref.generate(ids, attention_mask=mask, logits_processor=processors, do_sample=False,
+                       max_new_tokens=h * (w + 1) + 3, eos_token_id=v.eos, pad_token_id=v.pad)
+    for mine, theirs in zip(ours, out[:, length:]):
+        assert mine.finished
+        assert mine.tokens.tolist() == theirs.tolist()[:len(mine.tokens)]
+
+
+def test_guided_distribution_equals_the_two_pass_method(lm, fmt):
+    """The scores the sampler sees equal the official processor's output (two sequential passes) after
+    restriction to the allowed tokens, for a prompt mid-image and with left padding in the batch."""
+    from transformers.generation.logits_process import UnbatchedClassifierFreeGuidanceLogitsProcessor
+
+    v, grid = fmt.vocab, (3, 4)
+    ref = llama_reference(lm)
+    codes = np.array([[3, 1, 4, 1], [5, 9, 2, 6], [5, 3, 5, 8]])
+    prefix = fmt.image(codes)[0][len(fmt.image_header(*grid)):][:7]  # mid second row
+    cond = np.concatenate([fmt.generation_prompt("a long prompt with many words", grid), prefix])
+    neg = np.concatenate([fmt.negative_prompt(grid), prefix])
+    template = image_template(v, *grid, known=6)  # row 1 has 1 of 4 tokens: next is visual
+    for scale in (1.0, 3.0, 7.5):
+        req = Request(cond, template, negative=neg, cfg_scale=scale)
+        other = Request(fmt.generation_prompt("x", grid), image_template(v, *grid), negative=fmt.negative_prompt(grid),
+                        cfg_scale=2.0)
+        for engine in (Engine(lm), Engine(lm, fast=False)):
+            scores, token_ids = engine.next_token_scores([other, req])
+            ours = torch.log_softmax(scores[1][torch.isin(token_ids, torch.arange(v.visual_offset, v.size))], -1)
+            with torch.no_grad():
+                logits = ref(torch.tensor(cond)[None]).logits[:, -1]
+                proc = UnbatchedClassifierFreeGuidanceLogitsProcessor(scale, ref, torch.tensor(neg)[None])
+                theirs = torch.log_softmax(proc(torch.tensor(cond)[None], logits)[0, v.visual_offset:], -1)
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_fast_paths_equal_their_twins_in_a_mixed_batch(lm, fmt):
+    v = fmt.vocab
+    requests = [
+        image_request(fmt, "a red circle", (3, 4), cfg_scale=3.0, seed=1, visual=Sampling(1.0, 8, 0.9)),
+        image_request(fmt, "a blue square on the left", (2, 6), cfg_scale=1.0, seed=2),
+        Request(fmt.chat_prompt(np.zeros((2, 2), int), "what?"), max_new_tokens=9, seed=3,
+                text=Sampling(0.8, 20, 0.95)),
+        Request(fmt.video_prompt("rolling", (2, 2, 3)), video_template(v, fmt.image_header(2, 3), 2, 2, 3),
+                negative=fmt.video_prompt("", (2, 2, 3)), cfg_scale=2.0, seed=4),
+    ]
+    fast = Engine(lm).generate(requests)
+    slow = Engine(lm, fast=False).generate(requests)
+    for a, b in zip(fast, slow):
+        assert np.array_equal(a.tokens, b.tokens)
+    parsed = [fmt.parse(np.concatenate([r.prompt, res.tokens])) for r, res in zip(requests, fast)]
+    assert isinstance(parsed[0][-1], Image) and parsed[0][-1].codes.shape == (3, 4)
+    assert isinstance(parsed[1][-1], Image) and parsed[1][-1].codes.shape == (2, 6)
+    assert isinstance(parsed[3][-1], Video) and parsed[3][-1].codes.shape == (2, 2, 3) and parsed[3][-1].complete
+    assert all(t < v.text_size or t == v.eos for t in fast[2].tokens)  # chat emits text only
+
+
+def test_seeded_rows_do_not_depend_on_the_batch(lm, fmt):
+    a = image_request(fmt, "a red circle", (3, 4), cfg_scale=3.0, seed=11)
+    b = image_request(fmt, "many other words in a much longer prompt", (2, 5), cfg_scale=2.0, seed=12)
+    alone = Engine(lm).generate([a])[0]
+    together = Engine(lm).generate([b, a, b])[1]
+    assert np.array_equal(alone.tokens, together.tokens)
+    other_seed = Engine(lm).generate([Request(**{**a.__dict__, "seed": 13})])[0]
+    assert not np.array_equal(alone.tokens, other_seed.tokens)
+
+
+def test_sampler_matches_softmax_statistics():
+    scores = torch.log_softmax(torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0]), 0)
+    rows = 40000
+    ids = torch.arange(6)
+    picks = sample(scores.expand(rows, 6), ids, torch.arange(rows), 0, torch.ones(rows), torch.zeros(rows, dtype=torch.long),
+                   torch.ones(rows))
+    freq = torch.bincount(picks, minlength=6).float() / rows
+    assert (freq - scores.exp()).abs().max() < 0.01
+    hot = sample(scores.expand(rows, 6), ids, torch.arange(rows), 0, torch.full((rows,), 2.0),
+                 torch.zeros(rows, dtype=torch.long), torch.ones(rows))
+    freq = torch.bincount(hot, minlength=6).float() / rows
+    assert (freq - torch.softmax(scores / 2, 0)).abs().max() < 0.01
+
+
+def test_sampler_top_k_top_p_and_greedy():
+    scores = torch.log_softmax(torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0]), 0)
+    rows, ids = 5000, torch.arange(6)
+    ones, zeros = torch.ones(rows), torch.zeros(rows, dtype=torch.long)
+    topk = sample(scores.expand(rows, 6), ids, torch.arange(rows), 0, ones, torch.full((rows,), 2), ones)
+    assert set(topk.tolist()) == {0, 1}
+    p = scores.exp()  # top_p 0.8 keeps the smallest prefix whose mass reaches 0.8
+    keep = int((torch.cumsum(p, 0) - p < 0.8).sum())
+    topp = sample(scores.expand(rows, 6), ids, torch.arange(rows), 0, ones, zeros, torch.full((rows,), 0.8))
+    assert set(topp.tolist()) == set(range(keep))
+    greedy = sample(scores.expand(4, 6), ids, torch.arange(4), 0, torch.zeros(4), zeros[:4], torch.ones(4))
+    assert greedy.tolist() == [0] * 4
+    noise = gumbel_noise(torch.tensor([5, 5]), 3, ids)
+    assert torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], gumbel_noise(torch.tensor([5]), 4, ids)[0])
+
+
+def test_templates(fmt):
+    v = fmt.vocab
+    t = image_template(v, 2, 3)
+    assert t.tolist() == [VISUAL] * 3 + [v.eol] + [VISUAL] * 3 + [v.eol] + [v.eof, v.eoi, v.eos]
+    assert len(image_template(v, 90, 90)) == 8193  # h * (w + 1) + 3, as released
+    assert image_template(v, 2, 3, known=4).tolist() == [VISUAL] * 2 + [v.eol, v.eof, v.eoi, v.eos]
+    vt = video_template(v, fmt.image_header(2, 3), 2, 2, 3)
+    assert vt[-2:].tolist() == [v.eov, v.eos] and (vt == VISUAL).sum() == 12
+
+
+def test_errors_before_any_compute(lm, fmt):
+    engine = Engine(lm)
+    limit = lm.config.max_position_embeddings
+    with pytest.raises(InputError, match=f"more than the model's context of {limit} tokens"):
+        engine.generate([Request(fmt.generation_prompt("x", (64, 64)), image_template(fmt.vocab, 64, 64))])
+    with pytest.raises(InputError, match="needs a negative"):
+        engine.generate([Request(np.array([1, 2]), max_new_tokens=3, cfg_scale=3.0)])
+    with pytest.raises(InputError, match="outside"):
+        engine.generate([Request(np.array([lm.config.vocab_size]), max_new_tokens=3)])
+    for bad, message in [(dict(temperature=math.nan), "temperature"), (dict(top_k=-1), "top_k"),
+                         (dict(top_p=0.0), "top_p"), (dict(top_k=2.5), "top_k")]:
+        with pytest.raises(InputError, match=message):
+            Sampling(**bad)
+    with pytest.raises(InputError, match="cfg_scale"):
+        engine.generate([Request(np.array([1]), max_new_tokens=2, negative=np.array([1]), cfg_scale=-1.0)])
+
+
+def test_free_text_stops_at_eos_or_budget(lm, fmt):
+    req = Request(np.array([fmt.vocab.bos]), max_new_tokens=5, text=GREEDY)
+    (res,) = Engine(lm).generate([req])
+    assert len(res.tokens) <= 5 and (res.finished == (res.tokens[-1] == fmt.vocab.eos))
+    assert all(t < fmt.vocab.text_size for t in res.tokens[:-1])
