@@ -10,8 +10,17 @@ import torch
 
 from emu3.errors import InputError
 from emu3.format import Formatter, Image, Video
-from emu3.generate import (GREEDY, VISUAL, Engine, Request, Sampling, gumbel_noise, image_template, sample,
-                           video_template)
+from emu3.generate import (
+    GREEDY,
+    VISUAL,
+    Engine,
+    Request,
+    Sampling,
+    gumbel_noise,
+    image_template,
+    sample,
+    video_template,
+)
 from emu3.model import Emu3LM, model_config
 
 
@@ -157,8 +166,8 @@ def test_sampler_matches_softmax_statistics():
     scores = torch.log_softmax(torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0]), 0)
     rows = 40000
     ids = torch.arange(6)
-    picks = sample(scores.expand(rows, 6), ids, torch.arange(rows), 0, torch.ones(rows), torch.zeros(rows, dtype=torch.long),
-                   torch.ones(rows))
+    no_top_k = torch.zeros(rows, dtype=torch.long)
+    picks = sample(scores.expand(rows, 6), ids, torch.arange(rows), 0, torch.ones(rows), no_top_k, torch.ones(rows))
     freq = torch.bincount(picks, minlength=6).float() / rows
     assert (freq - scores.exp()).abs().max() < 0.01
     hot = sample(scores.expand(rows, 6), ids, torch.arange(rows), 0, torch.full((rows,), 2.0),

@@ -288,7 +288,7 @@ def save_vq(model: VisionVQ, folder: str | os.PathLike, layout: str = "released"
 # Language model: released (Emu3-Gen / -Chat / -Stage1) and transformers (-hf) folders
 
 _HF_TEXT_PREFIXES = (("text_model.model.", "model."), ("text_model.lm_head.", "lm_head."),  # on disk
-                     ("model.text_model.", "model."))  # transformers' in-memory names
+                     ("model.text_model.", "model."), ("lm_head.", "lm_head."))  # transformers' in-memory names
 
 
 def model_config_from_hf(text: dict, where: str) -> ModelConfig:

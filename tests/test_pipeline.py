@@ -1,0 +1,137 @@
+"""Tasks on a model folder, through the Python API and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from emu3.checkpoint import save_model
+from emu3.cli import main
+from emu3.model import Emu3LM, model_config
+from emu3.orders import border_tokens
+from emu3.pipeline import Defaults, Emu3
+from emu3.vision import PRESET_PROCESSORS
+from tests.conftest import scene, small_vq, write_video_file
+
+DEFAULTS = {"positive_suffix": "", "negative_prompt": "", "cfg_scale": 2.0, "image_top_k": 16}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, small_tokenizer):
+    torch.manual_seed(0)
+    model = Emu3LM(model_config("tiny", small_tokenizer.vocab, attention_dropout=0.0, image_area=32 * 32))
+    model.init_weights(torch.Generator().manual_seed(0))
+    path = tmp_path_factory.mktemp("model") / "tiny-emu3"
+    save_model(model, path, tokenizer=small_tokenizer, vq=small_vq(0), extra_files={
+        "vision_tokenizer": {"preprocessor_config.json": PRESET_PROCESSORS["tiny"].to_dict()},
+        "emu3_defaults.json": DEFAULTS})
+    return path
+
+
+@pytest.fixture(scope="module")
+def emu(folder):
+    return Emu3.from_pretrained(folder)
+
+
+def test_folder_defaults_and_released_defaults(emu, tmp_path):
+    assert emu.defaults == Defaults(**DEFAULTS)
+    assert emu.grid() == (8, 8)  # 32x32 pixels at spatial factor 4
+    assert Defaults.load(tmp_path) == Defaults()  # no emu3_defaults.json: the released recipe
+    assert Defaults().cfg_scale == 3.0 and Defaults().image_top_k == 2048 and Defaults().text_temperature == 0
+
+
+def test_generate_images_seeds_and_shapes(emu):
+    out = emu.generate_images(["a red circle", "two blue squares"], n=2, seed=10)
+    assert [g.seed for g in out] == [10, 11, 12, 13]
+    assert all(g.codes.shape == (8, 8) and g.pixels.shape == (32, 32, 3) for g in out)
+    again = emu.generate_images(["two blue squares"], n=2, seed=12, batch_size=1)
+    assert np.array_equal(again[0].codes, out[2].codes) and np.array_equal(again[1].codes, out[3].codes)
+    assert not np.array_equal(out[0].codes, out[1].codes)
+    wide = emu.generate_images(["x"], ratio="2:1")[0]
+    assert wide.codes.shape == (6, 11) and wide.pixels.shape == (24, 44, 3)
+
+
+def test_chat_is_deterministic_text(emu):
+    image = Image.fromarray(scene(40, 40))
+    answer = emu.chat(image, "what is this?", max_new_tokens=6)
+    assert isinstance(answer, str) and answer == emu.chat(image, "what is this?", max_new_tokens=6)
+
+
+def test_video_generation_and_extension(emu):
+    video = emu.generate_video("a ball rolls", frames=2, seed=1)
+    assert video.codes.shape == (2, 8, 8) and video.pixels.shape == (8, 32, 32, 3)
+    given = np.stack([scene(32, 32, i) for i in range(8)])
+    longer = emu.extend_video(given, "it keeps rolling", new_frames=1, seed=2)
+    context = emu.vision.encode_video(given, "causal").numpy()
+    assert longer.codes.shape == (3, 8, 8) and np.array_equal(longer.codes[:2], context)
+    assert longer.pixels.shape == (12, 32, 32, 3)
+
+
+def test_inpainting_keeps_the_border(emu):
+    image = scene(40, 48)
+    codes = emu.vision.encode_image(image).numpy()
+    out = emu.inpaint(image, "fill it", rings=2, seed=3)
+    i, j = np.indices(codes.shape)
+    ring = np.minimum(np.minimum(i, j), np.minimum(codes.shape[0] - 1 - i, codes.shape[1] - 1 - j))
+    assert np.array_equal(out.codes[ring < 2], codes[ring < 2])
+    assert (ring < 2).sum() == border_tokens(*codes.shape, 2)
+
+
+def test_cli_generate_saves_images_and_tokens(folder, tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("a red circle\n\n two squares \n")
+    code = main(["generate", "--model", str(folder), "--prompts-file", str(tmp_path / "prompts.txt"), "--n", "2",
+                 "-o", str(tmp_path / "img.png"), "--save-tokens", str(tmp_path / "codes.npy"), "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.glob("img-*.png")) == [f"img-00{i}.png" for i in range(4)]
+    codes = np.load(tmp_path / "codes.npy")
+    assert codes.shape == (4, 8, 8) and codes.dtype == np.int64
+    code = main(["chat", "--model", str(folder), "--image", str(tmp_path / "img-000.png"), "what?",
+                 "--max-new-tokens", "4"])
+    assert code == 0
+
+
+def test_cli_video_commands(folder, tmp_path, capsys):
+    write_video_file(tmp_path / "in.mp4", np.stack([scene(32, 32, i) for i in range(8)]), 8)
+    assert main(["generate-video", "rolling", "--model", str(folder), "--frames", "2", "-o",
+                 str(tmp_path / "v.gif"), "--quiet"]) == 0
+    assert main(["extend-video", str(tmp_path / "in.mp4"), "more", "--model", str(folder), "--frames", "1",
+                 "-o", str(tmp_path / "e.mp4"), "--quiet"]) == 0
+    assert "8 given + 4 generated frames" in capsys.readouterr().out
+    from emu3.media import read_video
+    assert len(read_video(tmp_path / "e.mp4").frames) == 12
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "x", "-o", "o.png"], "--model DIR is required"),
+    (["generate", "x", "-o", "o.png", "--image-area", "1000000"], "more than the model's context of 4096 tokens"),
+    (["generate", "x", "-o", "o.png", "--top-p", "0"], "top_p must be in (0, 1]"),
+    (["generate", "x", "-o", "o.png", "--temperature", "nan"], "temperature must be a finite number"),
+    (["generate", "x", "-o", "o.png", "--ratio", "16-9"], "'W:H'"),
+    (["generate", "x", "-o", "o.txt"], "cannot write an image"),
+    (["generate", "-o", "o.png"], "give a prompt"),
+    (["generate-video", "x", "-o", "o.png"], "cannot write a video"),
+])
+def test_cli_errors_before_compute(folder, tmp_path, capsys, argv, message):
+    argv = [a if not a.startswith("o.") else str(tmp_path / a) for a in argv]
+    if "--model" not in argv and message != "--model DIR is required":
+        argv += ["--model", str(folder)]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_convert_to_hf_keeps_everything_needed(folder, tmp_path):
+    assert main(["convert", str(folder), "-o", str(tmp_path / "hf"), "--layout", "transformers"]) == 0
+    defaults = json.loads((tmp_path / "hf" / "emu3_defaults.json").read_text())
+    assert defaults["image_area"] == 32 * 32 and defaults["cfg_scale"] == 2.0
+    hf = Emu3.from_pretrained(tmp_path / "hf")
+    ours = Emu3.from_pretrained(folder)
+    a = hf.generate_images(["a red circle"], seed=5)[0]
+    b = ours.generate_images(["a red circle"], seed=5)[0]
+    assert np.array_equal(a.codes, b.codes)
+    assert main(["convert", str(tmp_path / "hf"), "-o", str(tmp_path / "back")]) == 0
+    assert (tmp_path / "back" / "vision_tokenizer" / "model.safetensors").exists()
