@@ -135,3 +135,46 @@ def released_tokenizer_dir(folder: Path) -> Path:
     lines = ["<|image token|>", "<|image start|>", "<|image end|>", *visual]
     (folder / "emu3_vision_tokens.txt").write_text("\n".join(lines) + "\n")
     return folder
+
+
+@pytest.fixture(scope="session")
+def dataset_inputs(tmp_path_factory, small_tokenizer):
+    """Raw training inputs (a folder of captioned images, a JSONL manifest with every other record
+    kind, and bad records), plus the tokenizer folders they are tokenized with."""
+    import json
+
+    from emu3.vision import PRESET_PROCESSORS, VisionTokenizer
+
+    root = tmp_path_factory.mktemp("inputs")
+    (root / "imgs").mkdir()
+    for i in range(24):
+        Image.fromarray(scene(32, 32, i)).save(root / "imgs" / f"{i:02d}.png")
+        (root / "imgs" / f"{i:02d}.txt").write_text(f"picture {i} with {i % 4 + 1} circles")
+    Image.fromarray(scene(32, 32, 99)).save(root / "imgs" / "nocaption.png")
+    (root / "imgs" / "broken.png").write_bytes(b"not a png")
+    (root / "imgs" / "broken.txt").write_text("a broken file")
+    write_video_file(root / "clip.mp4", np.stack([scene(32, 32, i) for i in range(8)]), 8)
+    v = small_tokenizer.vocab
+    lines = [{"video": "clip.mp4", "caption": "a moving scene"},
+             {"image": "imgs/00.png", "question": "how many circles?", "answer": "one"},
+             {"text": "plain text about shapes and colours"},
+             {"segments": [{"text": "first"}, {"image": "imgs/01.png"}, {"text": "then"}, {"image": "imgs/02.png"}]},
+             {"prompt_ids": [v.bos, 10, 11, v.boi], "chosen": [v.visual(1), v.visual(2), v.eos],
+              "rejected": [v.visual(3), v.eos]},
+             {"prompt_ids": [v.bos, 12, v.boi], "chosen": [v.visual(5), v.eos], "rejected": [v.visual(6), v.visual(7),
+                                                                                           v.eos]}]
+    (root / "more.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
+    small_tokenizer.save_pretrained(root / "tok")
+    VisionTokenizer(small_vq(0), PRESET_PROCESSORS["tiny"]).save_pretrained(root / "vq")
+    return root
+
+
+@pytest.fixture(scope="session")
+def token_dataset(dataset_inputs, tmp_path_factory):
+    from emu3.data.tokenize import Settings, tokenize_dataset
+
+    out = tmp_path_factory.mktemp("data") / "shapes"
+    tokenize_dataset([dataset_inputs / "imgs", dataset_inputs / "more.jsonl"], out,
+                     Settings(str(dataset_inputs / "tok"), str(dataset_inputs / "vq")), workers=1, shard_size=8,
+                     progress=False)
+    return out

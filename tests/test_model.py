@@ -222,3 +222,41 @@ def test_hf_folder_with_in_memory_key_names(tmp_path):
     ids = torch.randint(0, 300, (1, 7))
     torch.testing.assert_close(load_model(tmp_path / "hf")(ids), model(ids), rtol=0, atol=0)
     assert torch.equal(load_vq(tmp_path / "hf").quantize.embedding.weight, vq.quantize.embedding.weight)
+
+
+def test_chunked_loss_equals_one_chunk_with_gradients():
+    model = random_model(11)
+    model.train()
+    ids = torch.randint(0, 300, (2, 24))
+    labels = torch.randint(0, 300, (2, 24))
+    labels[0, :5] = -100
+    weights = torch.rand(2, 24)
+    results = []
+    for chunk in (None, 5):  # one chunk, and chunks recomputed in backward
+        model.zero_grad()
+        loss = model(ids, labels=labels, label_weights=weights, loss_chunk=chunk)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    per_token = model(ids, labels=labels, reduction="none")
+    assert per_token.shape == (2, 24) and (per_token[0, :5] == 0).all()
+    # the slow twin: full logits at every position, then the masked, weighted cross-entropy
+    model.zero_grad()
+    logits = model(ids)
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                           reduction="none").view(2, 24)
+    (ce * weights).sum().backward()
+    torch.testing.assert_close((ce * weights).sum().detach(), results[0][0], rtol=1e-6, atol=1e-5)
+    for p, g in zip(model.parameters(), results[0][1]):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_without_any_label_still_reaches_the_head():
+    model = random_model(12)
+    model.train()
+    ids = torch.randint(0, 300, (1, 6))
+    loss = model(ids, labels=torch.full_like(ids, -100))
+    loss.backward()
+    assert loss.item() == 0.0 and model.lm_head.weight.grad is not None

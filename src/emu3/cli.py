@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -293,6 +294,40 @@ def cmd_convert(args) -> None:
     print(f"wrote {args.output} ({args.layout} layout{', with the vision tokenizer' if vision else ''})")
 
 
+def cmd_tokenize_dataset(args) -> None:
+    from .data.tokenize import Settings, tokenize_dataset
+
+    text = args.text_tokenizer or args.model
+    vision = args.tokenizer or (str(Path(args.model) / "vision_tokenizer") if args.model and
+                                (Path(args.model) / "vision_tokenizer").is_dir() else args.model)
+    if not text:
+        raise InputError("give --model DIR (text tokenizer and vision_tokenizer/ inside) or --text-tokenizer DIR "
+                         "[--tokenizer DIR]")
+    settings = Settings(text, vision, args.fps, args.max_frames, args.frame_limit, args.video_mode)
+    s = tokenize_dataset(args.input, args.output, settings, args.workers, args.shard_size, progress=not args.quiet)
+    skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(s["skipped"].items(), key=lambda kv: -kv[1]))
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(s["kinds"].items()))
+    print(f"wrote {args.output}: {s['records']} records ({kinds}), {s['tokens']} tokens in {s['shards']} shards"
+          f"; skipped: {skipped or 'none'}")
+
+
+def cmd_train(args) -> None:
+    from .train.config import make_config
+    from .train.trainer import train
+
+    out = train(make_config(args.preset, args.overrides), progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained {out['steps']} steps, last loss {out['loss']:.4f}, {out['tokens']} tokens in "
+              f"{out['seconds']:.1f} s; checkpoint {out['checkpoint']}")
+
+
+def cmd_export(args) -> None:
+    from .train.trainer import export
+
+    export(args.run, args.output, args.layout, args.checkpoint)
+    print(f"wrote {args.output} ({args.layout} layout)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emu3", description="Emu3: next-token prediction for text, images and video.")
     parser.add_argument("--version", action="version", version=f"emu3 {__version__}")
@@ -432,6 +467,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", default="released", choices=("released", "transformers"))
     p.add_argument("--tokenizer", metavar="DIR", help="vision tokenizer to include")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("tokenize-dataset", help="images, videos, text, QA, interleaved and DPO records -> token "
+                                                "shards for training")
+    p.add_argument("input", nargs="+", help="folders (media + .txt/.json captions), .jsonl manifests, .tar shards")
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.add_argument("--model", metavar="DIR", help="take the text tokenizer and vision_tokenizer/ from a model folder")
+    p.add_argument("--text-tokenizer", metavar="DIR")
+    p.add_argument("--tokenizer", metavar="DIR", help="vision tokenizer folder")
+    p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    p.add_argument("--shard-size", type=int, default=1000, help="input records per shard")
+    p.add_argument("--fps", type=float, help="video: sample frames at this rate")
+    p.add_argument("--max-frames", type=int, help="video: at most N frames per clip")
+    p.add_argument("--frame-limit", type=int, default=1024)
+    p.add_argument("--video-mode", choices=MODES, default="causal")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_tokenize_dataset)
+
+    from .train.config import STAGES
+
+    p = sub.add_parser("train", help="train or fine-tune (one process, or under torchrun)",
+                       description="emu3 train PRESET [key=value ...]; presets: " + ", ".join(STAGES))
+    p.add_argument("preset", help="a stage preset: " + ", ".join(STAGES))
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data=runs/data steps=500 out=runs/x")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="write a training run's checkpoint as a model folder")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.add_argument("--layout", default="released", choices=("released", "transformers"))
+    p.add_argument("--checkpoint", metavar="CKPT_DIR", help="default: the newest complete one")
+    p.set_defaults(func=cmd_export)
 
     tk = sub.add_parser("tokenizer", help="the text tokenizer: train one, encode and decode")
     tks = tk.add_subparsers(dest="action", required=True)

@@ -10,6 +10,7 @@ Layouts (B = BOS, E = EOS; `meta` is plain text tokenized like any other text):
     generation   B prompt + suffix BOI "{h}*{w}" IMG   and its negative twin (released defaults)
     T2V          B caption video E;   video extension: the same, loss only after the context frames
     interleaved  B (text | image)* E, at most 8 images
+    text         B text E
 
 Video (no released template). The papers describe `[BOS] caption [SOV] meta [SOT] vision tokens
 [EOV] [EOS]` with EOL per row and EOF per frame. We map SOV/SOT/EOV to three unused extras (BOV =
@@ -17,6 +18,9 @@ Video (no released template). The papers describe `[BOS] caption [SOV] meta [SOT
 in the meta text, and write every latent frame as a complete released image string. So each frame
 is a valid image to the parser and to a model pretrained on images, the EOF that closes a frame is
 the paper's frame break, and continuing a video means appending image strings.
+
+Captions and text may be given as strings or as already-tokenized text ids (training data stores
+ids; within a template, as in chat, strings are joined first so the BPE sees the released text).
 
 Visual tokens may be written in another order (`emu3.orders`); EOL then follows every w tokens in
 sequence order. Every sample carries a per-token loss mask (mask[i]: ids[i] is a training target)
@@ -154,9 +158,15 @@ class Formatter:
 
     # ---- pieces ----
 
-    def text(self, text: str) -> np.ndarray:
-        """User text -> ids; special-token strings in it stay plain text."""
-        return np.asarray(self.tok.encode(text, allow_special=False), dtype=np.int64)
+    def text(self, text: str | np.ndarray) -> np.ndarray:
+        """User text -> ids (special-token strings in it stay plain text); or already-tokenized text
+        ids, checked to be text ids, as they are."""
+        if isinstance(text, str):
+            return np.asarray(self.tok.encode(text, allow_special=False), dtype=np.int64)
+        ids = np.asarray(text, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab.text_size):
+            raise InputError(f"text ids must be in [0, {self.vocab.text_size}), got [{ids.min()}, {ids.max()}]")
+        return ids
 
     def _codes(self, codes, ndim: int) -> np.ndarray:
         codes = np.asarray(codes)
@@ -212,7 +222,7 @@ class Formatter:
 
     # ---- training samples ----
 
-    def _caption(self, caption: str, drop: float, rng) -> str:
+    def _caption(self, caption, drop: float, rng):
         if not 0.0 <= drop <= 1.0:
             raise InputError(f"caption dropout must be in [0, 1], got {drop}")
         if drop > 0.0:
@@ -238,7 +248,7 @@ class Formatter:
     def i2t(self, codes, caption: str, loss: str = "output") -> Sample:
         """B image caption E; by default the loss covers only the caption and E."""
         _check_loss(loss)
-        if not caption.strip():
+        if not (caption.strip() if isinstance(caption, str) else len(caption)):
             raise InputError("an image-to-text sample needs a non-empty caption")
         s = _Seq()
         s.add([self.vocab.bos], TokenType.TEXT, False)
@@ -299,22 +309,33 @@ class Formatter:
         s.add([self.vocab.eos], TokenType.TEXT, True)
         return s.sample()
 
+    def text_sample(self, text) -> Sample:
+        """B text E: language data."""
+        if not len(text):
+            raise InputError("a text sample needs text")
+        s = _Seq()
+        s.add([self.vocab.bos], TokenType.TEXT, False)
+        s.add(self.text(text), TokenType.TEXT, True)
+        s.add([self.vocab.eos], TokenType.TEXT, True)
+        return s.sample()
+
     def interleaved(self, segments: list, loss: str = "all") -> Sample:
-        """B (text | (h, w) codes)* E, at most 8 images."""
+        """B (text | (h, w) codes)* E, at most 8 images; text as a string or as 1-D text ids."""
         _check_loss(loss)
         if not segments:
             raise InputError("an interleaved sample needs at least one segment")
-        n_images = sum(1 for x in segments if not isinstance(x, str))
+        is_image = [not isinstance(x, str) and np.asarray(x).ndim == 2 for x in segments]
+        n_images = sum(is_image)
         if n_images > MAX_INTERLEAVED_IMAGES:
             raise InputError(f"an interleaved sample holds at most {MAX_INTERLEAVED_IMAGES} images, got {n_images}")
         s = _Seq()
         s.add([self.vocab.bos], TokenType.TEXT, False)
-        for x in segments:
-            if isinstance(x, str):
-                s.add(self.text(x), TokenType.TEXT, True)
-            else:
+        for x, image in zip(segments, is_image):
+            if image:
                 ids, types = self.image(x)
                 s.add(ids, types, True)
+            else:
+                s.add(self.text(x), TokenType.TEXT, True)
         s.add([self.vocab.eos], TokenType.TEXT, True)
         return s.sample()
 

@@ -307,8 +307,49 @@ class Emu3LM(nn.Module):
         w = self.lm_head.weight if vocab is None else self.lm_head.weight[vocab]
         return F.linear(hidden, w).float()
 
-    def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        return self.logits(self.hidden_states(input_ids, **kwargs))
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                label_weights: torch.Tensor | None = None, reduction: str = "sum", loss_chunk: int | None = None,
+                **kwargs) -> torch.Tensor:
+        """fp32 logits (B, T, V); or, with `labels` (B, T; -100 = none), the token cross-entropy:
+        sum(ce * label_weights) with reduction="sum", or per position (B, T) with "none".
+
+        The output head runs only on positions that have a label: padding, prompts and spans the loss
+        mask excludes (the image of an image-to-text sample) cost nothing there. When the fp32 logits
+        of those positions would pass 1 GiB (long sequences, 184k-id vocabulary), the loss is
+        computed `loss_chunk` positions at a time, each chunk recomputed in backward; otherwise in one
+        piece. The loss lives in `forward` so that wrappers that hook the forward (FSDP2, DDP) see the
+        output head used.
+        """
+        hidden = self.hidden_states(input_ids, **kwargs)
+        if labels is None:
+            return self.logits(hidden)
+        if label_weights is None:
+            label_weights = (labels != -100).float()
+        # the head only runs where there is a label (not on padding, prompts or masked-out spans)
+        valid = labels != -100
+        h, y, w = hidden[valid], labels[valid], label_weights[valid]  # (N, H), (N,), (N,)
+        if len(y) == 0:  # no label anywhere: one weightless position keeps the head in the graph (DDP)
+            h, y, w = hidden.reshape(-1, hidden.shape[-1])[:1], labels.new_zeros(1), label_weights.new_zeros(1)
+        n = len(y)
+        if loss_chunk is None:
+            loss_chunk = max(1, (1 << 28) // self.config.vocab_size)  # 2^28 fp32 logits = 1 GiB
+        parts = []
+        for s in range(0, n, loss_chunk):
+            args = (h[s:s + loss_chunk], y[s:s + loss_chunk], w[s:s + loss_chunk])
+            if torch.is_grad_enabled() and loss_chunk < n:
+                parts.append(checkpoint(self._chunk_loss, *args, use_reentrant=False))
+            else:
+                parts.append(self._chunk_loss(*args))
+        ce = torch.cat(parts)  # (N,) weighted
+        if reduction == "sum":
+            return ce.sum()
+        full = hidden.new_zeros(labels.shape, dtype=torch.float32)
+        full[valid] = ce[:int(valid.sum())]
+        return full
+
+    def _chunk_loss(self, hidden, labels, weights) -> torch.Tensor:
+        logits = self.lm_head(hidden).float()  # (n, V)
+        return F.cross_entropy(logits, labels, reduction="none") * weights
 
 
 def positions_for_documents(document_ids: torch.Tensor) -> torch.Tensor:

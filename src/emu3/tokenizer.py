@@ -367,10 +367,13 @@ class TextTokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Ids -> text; control and visual tokens as their strings (dropped with skip_special_tokens)."""
+        ids = [int(x) for x in ids]
+        if not ids or (min(ids) >= 0 and max(ids) < self.vocab.text_size):  # text only: one call
+            return self._enc.decode_bytes(ids).decode("utf-8", errors="replace")
         out = bytearray()
         run: list[int] = []
         size = self.vocab.size
-        for i in (int(x) for x in ids):
+        for i in ids:
             if 0 <= i < self.vocab.text_size:
                 run.append(i)
                 continue

@@ -1,0 +1,360 @@
+"""The training loop: one process or many (torchrun), next-token or DPO objective, exact resume.
+
+Per step: `grad_accum` micro-batches are drawn first, so the step's total loss weight is known (and
+summed over ranks) before any backward; each micro-batch's weighted loss sum is divided by that
+total, which makes the update the same whatever the split into ranks and micro-batches (DDP and
+FSDP2 average gradients over ranks, hence the factor world). A non-finite loss or gradient norm on
+any rank skips the update on every rank, is logged, and `max_nonfinite` in a row stop the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..checkpoint import load_model
+from ..data.loader import Loader, MixPolicy, PairLoader, pair_batch
+from ..errors import Emu3Error, InputError
+from ..format import Formatter
+from ..model import Emu3LM, model_config
+from ..tokenizer import TextTokenizer
+from . import state
+from .config import TrainConfig
+from .loss import dpo_loss, sequence_logprobs
+from .parallelize import parallelize
+
+METRICS = ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "seconds", "skipped"]
+
+
+class NonFiniteError(Emu3Error):
+    """Too many non-finite steps in a row."""
+
+
+@dataclass
+class Env:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(cfg: TrainConfig) -> Env:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    cfg.validate(world)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Env(rank, world, device)
+
+
+def build_model(cfg: TrainConfig, tok: TextTokenizer) -> Emu3LM:
+    folder = Path(cfg.model)
+    if folder.is_dir():
+        model = load_model(folder, dtype=torch.float32)
+        if cfg.dropout is not None:
+            set_dropout(model, cfg.dropout)
+    else:
+        overrides = {} if cfg.dropout is None else {"attention_dropout": cfg.dropout}
+        if cfg.image_area:
+            overrides["image_area"] = cfg.image_area
+        model = Emu3LM(model_config(cfg.model, tok.vocab, **overrides))
+        model.init_weights(torch.Generator().manual_seed(cfg.seed))
+    if model.config.vocab_size != tok.vocab.size:
+        raise InputError(f"the model has {model.config.vocab_size} ids but the text tokenizer {tok.vocab.size}")
+    if cfg.seq_len > model.config.max_position_embeddings:
+        raise InputError(f"seq_len {cfg.seq_len} is longer than the model's context of "
+                         f"{model.config.max_position_embeddings} tokens")
+    return model
+
+
+def set_dropout(model: Emu3LM, p: float) -> None:
+    """The release's four dropout places: embeddings, attention probabilities, attention and MLP outputs."""
+    model.config.attention_dropout = p
+    model.model.dropout.p = p
+    for layer in model.model.layers:
+        layer.dropout.p = p
+        layer.self_attn.dropout = p
+
+
+def text_tokenizer(cfg: TrainConfig) -> TextTokenizer:
+    folder = cfg.text_tokenizer or (cfg.model if Path(cfg.model).is_dir() else "")
+    if not folder:
+        raise InputError("text_tokenizer=DIR is needed to train a preset model (the folder the data was "
+                         "tokenized with)")
+    return TextTokenizer.from_pretrained(folder)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, cosine from lr to min_lr, then (anneal > 0) linear decay to zero."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    cosine_steps = cfg.steps - cfg.warmup - cfg.anneal
+    t = step - cfg.warmup
+    if t < cosine_steps:
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t / max(1, cosine_steps)))
+    return cfg.min_lr * max(0.0, 1 - (t - cosine_steps + 1) / max(1, cfg.anneal))
+
+
+def optimizer_for(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices (embeddings included), not on norms. The fused kernel when the
+    parameters allow it (one kernel for all tensors instead of several per tensor)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, ValueError):  # e.g. parameters of a kind the fused kernel does not take
+        return torch.optim.AdamW(groups, **kwargs)
+
+
+def _all_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+class _Metrics:
+    """metrics.csv (and TensorBoard when installed), on rank 0."""
+
+    def __init__(self, run: Path, resume_step: int, enabled: bool):
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        path = run / "metrics.csv"
+        rows = []
+        if path.exists():  # a resumed run rewrites what came after its checkpoint
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        self.file = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=METRICS)
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+        self.file.flush()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run / "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.writer.writerow(row)
+        self.file.flush()
+        if self.tb is not None:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                self.tb.add_scalar(f"train/{key}", row[key], row["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict:
+    env = setup(cfg)
+    run = Path(cfg.out)
+    tok = text_tokenizer(cfg)
+    model = build_model(cfg, tok).to(env.device)
+    mode = cfg.parallel if cfg.parallel != "auto" else ("fsdp" if env.world > 1 else "none")
+    module = parallelize(model, mode, env.device, cfg.activation_checkpointing)
+    optimizer = optimizer_for(module, cfg)
+    sources = []
+    for item in cfg.data:
+        path, _, weight = item.partition(":") if not Path(item).exists() else (item, "", "")
+        sources.append((path, float(weight) if weight else 1.0))
+    if cfg.dpo:
+        loader = PairLoader(sources[0][0], tok.vocab.pad, cfg.batch_size, cfg.seed, env.rank, env.world)
+    else:
+        policy = MixPolicy(cfg.drop_caption, cfg.caption_after, cfg.video_extension, cfg.t2i_loss, cfg.i2t_loss,
+                           cfg.vision_weight)
+        loader = Loader(sources, Formatter(tok), cfg.seq_len, cfg.batch_size, policy, cfg.seed, env.rank, env.world)
+    autocast = cfg.bf16 == "on" or (cfg.bf16 == "auto" and env.device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+    start, tokens_seen, streak = 0, 0, 0
+    torch.manual_seed(cfg.seed * 1000 + env.rank)  # dropout
+    if env.main:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text(cfg.to_json())
+    ckpt = state.latest(run) if cfg.resume else None
+    if ckpt is not None:
+        loop, mine = state.load(ckpt, module, optimizer, env.rank)
+        start, tokens_seen, streak = loop["step"], loop["tokens"], loop["nonfinite"]
+        loader.load_state_dict(mine["loader"])
+        state.set_rng_state(mine["rng"])
+    reference = dpo_reference(module, loader, cfg, env, run) if cfg.dpo else None
+    metrics = _Metrics(run, start, env.main)
+    bar = None
+    if progress and env.main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True)
+    last = {"loss": float("nan")}
+    t_run = time.perf_counter()
+    try:
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(cfg, step)
+            module.train()
+            if cfg.dpo:
+                loss, tokens = _dpo_step(module, loader, reference, cfg, env, autocast)
+            else:
+                loss, tokens = _lm_step(module, loader, cfg, env, autocast)
+            grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            ok = torch.tensor([float(math.isfinite(loss) and math.isfinite(float(grad_norm)))])
+            if dist.is_initialized():
+                dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            if ok.item():
+                optimizer.step()
+                streak = 0
+            else:
+                streak += 1
+                if env.main:
+                    print(f"step {step + 1}: non-finite loss {loss} or gradient norm {float(grad_norm)}: update "
+                          f"skipped ({streak} in a row, limit {cfg.max_nonfinite})", flush=True)
+            optimizer.zero_grad(set_to_none=True)
+            tokens_seen += tokens
+            seconds = time.perf_counter() - t0
+            row = {"step": step + 1, "loss": loss, "lr": lr_at(cfg, step), "grad_norm": float(grad_norm),
+                   "tokens": tokens_seen, "tokens_per_s": tokens / seconds, "seconds": seconds,
+                   "skipped": int(not ok.item())}
+            last = row
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                metrics.log(row)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / seconds:.0f}")
+                bar.update(1)
+            if streak >= cfg.max_nonfinite:
+                raise NonFiniteError(f"{streak} non-finite steps in a row (limit max_nonfinite={cfg.max_nonfinite}) "
+                                     f"at step {step + 1}; the last complete checkpoint is kept")
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                loop = {"step": step + 1, "tokens": tokens_seen, "nonfinite": streak}
+                mine = {"loader": loader.state_dict(), "rng": state.rng_state()}
+                state.save(run, step + 1, module, optimizer, loop, mine, env.rank, cfg.keep_last)
+    finally:
+        metrics.close()
+        if bar is not None:
+            bar.close()
+    return {"steps": cfg.steps, "loss": last["loss"], "tokens": tokens_seen,
+            "seconds": time.perf_counter() - t_run, "checkpoint": str(state.latest(run))}
+
+
+def _autocast(env: Env, enabled: bool):
+    return torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _lm_step(module, loader: Loader, cfg: TrainConfig, env: Env, autocast: bool) -> tuple[float, int]:
+    batches = [loader.next_batch() for _ in range(cfg.grad_accum)]
+    total = _all_sum(torch.tensor([sum(float(b.weights.sum()) for b in batches)], dtype=torch.float64))
+    total_w = max(float(total), 1e-12)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for b in batches:
+        with _autocast(env, autocast):
+            ls = module(b.input_ids.to(env.device), document_ids=b.document_ids.to(env.device),
+                        labels=b.targets.to(env.device), label_weights=b.weights.to(env.device))
+        (ls * (env.world / total_w)).backward()
+        loss_sum += ls.detach().double().cpu()
+    tokens = _all_sum(torch.tensor([sum(b.tokens for b in batches)]))
+    return float(_all_sum(loss_sum.view(1))) / total_w, int(tokens)
+
+
+def _dpo_step(module, loader: PairLoader, reference, cfg: TrainConfig, env: Env, autocast: bool) -> tuple[float, int]:
+    batches = [loader.next_batch() for _ in range(cfg.grad_accum)]
+    pairs = float(_all_sum(torch.tensor([float(sum(len(b.index) for b in batches))])))
+    chosen_tokens = float(_all_sum(torch.tensor([float(sum(int(b.chosen_mask.sum()) for b in batches))])))
+    loss_sum = 0.0
+    for b in batches:
+        dev = env.device
+        with _autocast(env, autocast):
+            pc, nc = sequence_logprobs(module, b.chosen.to(dev), b.chosen_mask.to(dev))
+            pr, _ = sequence_logprobs(module, b.rejected.to(dev), b.rejected_mask.to(dev))
+        ref = reference[b.index]  # (B, 2): reference log-probs of chosen, rejected
+        dpo = dpo_loss(pc.float(), pr.float(), ref[:, 0].to(dev), ref[:, 1].to(dev), cfg.dpo_beta)
+        # DPO averaged over pairs, plus sft_weight x the mean token NLL of the chosen continuations
+        loss = dpo.sum() / pairs + cfg.dpo_sft_weight * (-pc.float().sum()) / chosen_tokens
+        (loss * env.world).backward()
+        loss_sum += float(loss.detach())
+    return float(_all_sum(torch.tensor([loss_sum]))), int(chosen_tokens)
+
+
+@torch.no_grad()
+def dpo_reference(module, loader: PairLoader, cfg: TrainConfig, env: Env, run: Path) -> torch.Tensor:
+    """Reference log-probs (chosen, rejected) of every preference record under the starting model,
+    computed once and stored in RUN/dpo_reference.npy (a resumed run reads them back)."""
+    path = run / "dpo_reference.npy"
+    n = len(loader.ds)
+    if path.exists():
+        ref = np.load(path)
+        if ref.shape == (n, 2):
+            return torch.from_numpy(ref)
+    module.eval()
+    ref = torch.zeros(n, 2, dtype=torch.float64)
+    mine = loader.indices[env.rank::env.world].tolist()
+    steps = -(-len(loader.indices) // env.world)  # every rank runs the same number of (collective) forwards
+    for i in range(steps):
+        chunk = mine[i:i + 1] or mine[:1]
+        b = pair_batch(loader.ds, chunk, loader.pad)
+        pc, _ = sequence_logprobs(module, b.chosen.to(env.device), b.chosen_mask.to(env.device))
+        pr, _ = sequence_logprobs(module, b.rejected.to(env.device), b.rejected_mask.to(env.device))
+        if i < len(mine):
+            ref[chunk[0]] = torch.stack([pc[0], pr[0]]).double().cpu()
+    ref = _all_sum(ref)
+    if env.main:
+        np.save(path, ref.numpy())
+    return ref.float()
+
+
+def export(run: str | os.PathLike, out: str | os.PathLike, layout: str = "released",
+           checkpoint: str | os.PathLike | None = None) -> Path:
+    """Write a run's checkpoint (default: the newest complete one) as a model folder."""
+    import json
+
+    from ..checkpoint import read_json, save_model
+    from ..vision import VisionTokenizer
+
+    run = Path(run)
+    if not (run / "config.json").exists():
+        raise InputError(f"{run}: not a training run (no config.json)")
+    cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
+    ckpt = Path(checkpoint) if checkpoint else state.latest(run)
+    if ckpt is None or not (ckpt / "COMMITTED").exists():
+        raise InputError(f"{run}: no complete checkpoint to export")
+    tok = text_tokenizer(cfg)
+    model = build_model(cfg, tok)
+    state.load_model_state(ckpt, model)
+    vision = VisionTokenizer.from_pretrained(cfg.vision_tokenizer) if cfg.vision_tokenizer else None
+    extra = {}
+    if Path(cfg.model).is_dir():  # fine-tuned: keep the starting model's defaults (none: the released recipe)
+        if (Path(cfg.model) / "emu3_defaults.json").exists():
+            extra["emu3_defaults.json"] = read_json(Path(cfg.model) / "emu3_defaults.json")
+    else:  # trained from scratch: the unconditional prompt is the empty caption, no prompt decoration
+        extra["emu3_defaults.json"] = {"positive_suffix": "", "negative_prompt": ""}
+    if vision is not None:
+        extra["vision_tokenizer"] = {"preprocessor_config.json": vision.processor.to_dict()}
+    save_model(model.eval(), out, tokenizer=tok, vq=vision.model if vision else None, layout=layout,
+               extra_files=extra)
+    return Path(out)
