@@ -30,27 +30,8 @@ import torch
 from emu3.format import Formatter
 from emu3.generate import Engine, Request, Sampling, image_template
 from emu3.model import Emu3LM, KVCache, model_config
-from emu3.tokenizer import TextTokenizer, Vocabulary
-
-
-def official_prefix_fn(vocab: Vocabulary, h: int, w: int):
-    visual = list(range(vocab.visual_offset, vocab.size))
-
-    def allowed(batch_id, input_ids):
-        ids = input_ids.tolist()
-        offset = len(ids) - ids.index(vocab.img)
-        if offset % (w + 1) == 0:
-            return [vocab.eol]
-        if offset == (w + 1) * h + 1:
-            return [vocab.eof]
-        if offset == (w + 1) * h + 2:
-            return [vocab.eoi]
-        if offset == (w + 1) * h + 3:
-            return [vocab.eos]
-        if offset > (w + 1) * h + 3:
-            return [vocab.pad]
-        return visual
-    return allowed
+from emu3.reference import llama, official_prefix_fn
+from emu3.tokenizer import TextTokenizer
 
 
 def released_text_tokenizer() -> TextTokenizer:
@@ -84,13 +65,7 @@ def main() -> None:
     model = Emu3LM(cfg)
     model.init_weights(torch.Generator().manual_seed(0))
     model.eval()
-    ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, pad_token_id=v.pad, tie_word_embeddings=False))
-    ref.load_state_dict(model.state_dict(), strict=True)
-    ref.eval()
+    ref = llama(model)
     fmt = Formatter(tok)
     h = w = args.grid
     steps = h * (w + 1) + 3

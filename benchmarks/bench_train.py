@@ -26,6 +26,7 @@ from emu3.data.loader import Loader, MixPolicy
 from emu3.data.shards import FORMAT, VERSION, Record, write_index, write_shard
 from emu3.format import Formatter
 from emu3.model import Emu3LM, model_config
+from emu3.reference import llama
 from emu3.tokenizer import TextTokenizer
 from emu3.train.config import make_config
 from emu3.train.trainer import train
@@ -67,10 +68,7 @@ def main() -> None:
         labels = torch.full_like(b.input_ids, -100)
         labels[:, 1:] = torch.where(b.targets[:, :-1] != -100, b.input_ids[:, 1:], -100)
         rows += [{"input_ids": i, "labels": lab} for i, lab in zip(b.input_ids, labels)]
-    ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=cfg_model.vocab_size, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=cfg_model.max_position_embeddings,
-        rope_theta=cfg_model.rope_theta, rms_norm_eps=cfg_model.rms_norm_eps, tie_word_embeddings=False))
+    ref = llama(model)
     def baseline() -> list[float]:
         stamps = []
 
@@ -78,7 +76,7 @@ def main() -> None:
             def on_step_end(self, *a, **k):
                 stamps.append(time.perf_counter())
 
-        ref.load_state_dict(model.state_dict(), strict=True)
+        ref.load_state_dict(model.state_dict(), strict=True)  # start from the same weights each run
         targs = TrainingArguments(output_dir=str(tmp / "hf"), per_device_train_batch_size=args.batch,
                                   max_steps=args.steps, learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=2,
                                   weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0, logging_steps=10**6,

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from emu3.checkpoint import hf_vq_shape, vq_config_to_hf, vq_key_map
+from emu3.reference import emu3_vqvae
 from emu3.vq import VisionVQ, vq_config
 
 
@@ -43,12 +43,7 @@ def main() -> None:
     ours = VisionVQ(vq_config("emu3")).eval().to(args.device)
     with torch.no_grad():  # a codebook with spread, so that codes are diverse
         ours.quantize.embedding.weight.normal_(0, 0.05)
-    hf_cfg = vq_config_to_hf(ours.config)
-    hf_cfg.pop("model_type")
-    ref = transformers.Emu3VQVAE(transformers.Emu3VQVAEConfig(**hf_cfg)).eval().to(args.device)
-    to_hf = vq_key_map(ours.config)
-    ref.load_state_dict({to_hf[k]: v.reshape(hf_vq_shape(to_hf[k], tuple(v.shape)))
-                         for k, v in ours.state_dict().items()}, strict=True)
+    ref = emu3_vqvae(ours)
     ours_bf16 = VisionVQ(vq_config("emu3")).eval().to(args.device)
     ours_bf16.load_state_dict(ours.state_dict())
     ours_bf16.to(torch.bfloat16)

@@ -22,6 +22,7 @@ from emu3.generate import (
     video_template,
 )
 from emu3.model import Emu3LM, model_config
+from emu3.reference import llama, official_prefix_fn
 
 
 @pytest.fixture(scope="module")
@@ -37,40 +38,6 @@ def lm(small_tokenizer):
 @pytest.fixture(scope="module")
 def fmt(small_tokenizer):
     return Formatter(small_tokenizer)
-
-
-def llama_reference(model):
-    transformers = pytest.importorskip("transformers")
-    c = model.config
-    ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, pad_token_id=c.pad_token_id,
-        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, tie_word_embeddings=False))
-    ref.load_state_dict(model.state_dict(), strict=True)
-    return ref.eval()
-
-
-def official_prefix_fn(vocab, h, w):
-    """Emu3PrefixConstrainedLogitsHelper as described in reference section 4.1."""
-    visual = list(range(vocab.visual_offset, vocab.size))
-
-    def allowed(batch_id, input_ids):
-        ids = input_ids.tolist()
-        offset = len(ids) - ids.index(vocab.img)
-        if offset % (w + 1) == 0:
-            return [vocab.eol]
-        if offset == (w + 1) * h + 1:
-            return [vocab.eof]
-        if offset == (w + 1) * h + 2:
-            return [vocab.eoi]
-        if offset == (w + 1) * h + 3:
-            return [vocab.eos]
-        if offset > (w + 1) * h + 3:
-            return [vocab.pad]
-        return visual
-    return allowed
 
 
 def image_request(fmt, prompt, grid, **kw):
@@ -89,7 +56,7 @@ def test_greedy_tokens_equal_the_official_recipe(lm, fmt, cfg_scale):
     prompts = ["a red circle above a square", "two blue"]
     ours = Engine(lm).generate([image_request(fmt, p, (h, w), cfg_scale=cfg_scale, visual=GREEDY) for p in prompts])
 
-    ref = llama_reference(lm)
+    ref = llama(lm)
     rows = [fmt.generation_prompt(p, (h, w)) for p in prompts]
     length = max(map(len, rows))
     ids = torch.tensor([[v.pad] * (length - len(r)) + r.tolist() for r in rows])
@@ -111,7 +78,7 @@ def test_guided_distribution_equals_the_two_pass_method(lm, fmt):
     from transformers.generation.logits_process import UnbatchedClassifierFreeGuidanceLogitsProcessor
 
     v, grid = fmt.vocab, (3, 4)
-    ref = llama_reference(lm)
+    ref = llama(lm)
     codes = np.array([[3, 1, 4, 1], [5, 9, 2, 6], [5, 3, 5, 8]])
     prefix = fmt.image(codes)[0][len(fmt.image_header(*grid)):][:7]  # mid second row
     cond = np.concatenate([fmt.generation_prompt("a long prompt with many words", grid), prefix])

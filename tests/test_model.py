@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from emu3.checkpoint import load_model, save_model
 from emu3.errors import CheckpointError, InputError
 from emu3.model import Emu3LM, KVCache, ModelConfig, model_config
+from emu3.reference import llama
 from emu3.tokenizer import Vocabulary
 
 transformers = pytest.importorskip("transformers")
@@ -34,17 +35,6 @@ def random_model(seed=0, **overrides):
             if p.ndim == 1:
                 p.normal_(1.0, 0.1)  # norms that matter
     return model.eval()
-
-
-def llama(model):
-    c = model.config
-    ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, pad_token_id=c.pad_token_id, tie_word_embeddings=False))
-    ref.load_state_dict(model.state_dict(), strict=True)
-    return ref.eval()
 
 
 def left_padded_batch(seed=0, lengths=(17, 12, 5)):

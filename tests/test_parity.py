@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emu3.checkpoint import hf_vq_shape, load_vq, save_vq, vq_config_to_hf, vq_key_map
+from emu3.checkpoint import load_vq, save_vq
+from emu3.reference import emu3_vqvae
 from tests.conftest import small_vq
 
 transformers = pytest.importorskip("transformers")
@@ -24,17 +25,6 @@ CONFIGS = {
                                z_channels=8, codebook_size=256),
     "no-temporal": dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[1], temporal_downsample_factor=1),
 }
-
-
-def reference(model):
-    """transformers' Emu3VQVAE holding our model's weights."""
-    hf_cfg = vq_config_to_hf(model.config)
-    hf_cfg.pop("model_type")
-    ref = transformers.Emu3VQVAE(transformers.Emu3VQVAEConfig(**hf_cfg)).eval()
-    to_hf = vq_key_map(model.config)
-    state = {to_hf[k]: v.reshape(hf_vq_shape(to_hf[k], tuple(v.shape))) for k, v in model.state_dict().items()}
-    ref.load_state_dict(state, strict=True)
-    return ref
 
 
 def full_hf_folder(ref, path):
@@ -75,7 +65,7 @@ def check_against(ours, ref, cfg_name):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_parity_through_every_layout(name, tmp_path):
     ours = small_vq(11, **CONFIGS[name])
-    ref = reference(ours)
+    ref = emu3_vqvae(ours)
     check_against(ours, ref, name)
 
     save_vq(ours, tmp_path / "released")

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from emu3.checkpoint import hf_vq_shape, load_vq, save_vq, vq_config_to_hf, vq_key_map
+from emu3.checkpoint import load_vq, save_vq
+from emu3.reference import emu3_vqvae
 from emu3.vq import VisionVQ, vq_config
 from tests.conftest import randomize
 
@@ -20,18 +21,13 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def test_full_size_parity_with_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     torch.manual_seed(0)
     ours = randomize(VisionVQ(vq_config("emu3")))
     save_vq(ours, tmp_path / "released")  # 1.08 GB, as released
     assert abs((tmp_path / "released" / "model.safetensors").stat().st_size - 1.083e9) < 0.01e9
     ours = load_vq(tmp_path / "released")
-    hf_cfg = vq_config_to_hf(ours.config)
-    hf_cfg.pop("model_type")
-    ref = transformers.Emu3VQVAE(transformers.Emu3VQVAEConfig(**hf_cfg)).eval()
-    to_hf = vq_key_map(ours.config)
-    ref.load_state_dict({to_hf[k]: v.reshape(hf_vq_shape(to_hf[k], tuple(v.shape)))
-                         for k, v in ours.state_dict().items()}, strict=True)
+    ref = emu3_vqvae(ours)
     g = torch.Generator().manual_seed(1)
     for x in (torch.rand(1, 3, 32, 48, generator=g) * 2 - 1, torch.rand(1, 4, 3, 32, 32, generator=g) * 2 - 1):
         with torch.no_grad():
