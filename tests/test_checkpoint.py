@@ -43,6 +43,21 @@ def test_round_trip_through_transformers_layout(folder, tmp_path):
         assert torch.equal(again.state_dict()[k], v), k
 
 
+def test_norm_groups_round_trip_released_only(tmp_path):
+    from emu3.vq import VisionVQ, vq_config
+
+    torch.manual_seed(0)
+    model = VisionVQ(vq_config("tiny", norm_groups=8))
+    assert model.encoder.norm_out.num_groups == 8 and model.decoder.norm_out.norm_layer.num_groups == 8
+    save_vq(model, tmp_path / "vq")
+    assert json.loads((tmp_path / "vq" / "config.json").read_text())["norm_groups"] == 8
+    again = load_vq(tmp_path / "vq")
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert torch.equal(again.encode(x), model.eval().encode(x))
+    with pytest.raises(CheckpointError, match="fixes GroupNorm at 32 groups"):
+        save_vq(model, tmp_path / "hf", layout="transformers")
+
+
 def test_load_dtype_and_device(folder):
     model = load_vq(folder, dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16
@@ -117,7 +132,7 @@ def test_bad_config_files(folder, tmp_path):
     with pytest.raises(CheckpointError, match="not a vision tokenizer config"):
         load_vq(folder)
     (folder / "config.json").write_text(json.dumps({"model_type": "Emu3VisionVQ", "ch": 48}))
-    with pytest.raises(CheckpointError, match="multiples of 32"):
+    with pytest.raises(CheckpointError, match="multiples of norm_groups"):
         load_vq(folder)
 
 

@@ -131,7 +131,8 @@ def test_full_size_maps_one_to_one_onto_transformers():
 @pytest.mark.parametrize("bad, match", [
     (dict(z_channels=8), "must equal embed_dim"),
     (dict(double_z=True), "double_z"),
-    (dict(ch=48), "multiples of 32"),
+    (dict(ch=48), "multiples of norm_groups"),
+    (dict(ch=32, norm_groups=12), "multiples of norm_groups"),
     (dict(attn_resolutions=[4]), "level indices"),
     (dict(temporal_downsample_factor=3), "power of 2"),
     (dict(dropout=1.5), "dropout"),

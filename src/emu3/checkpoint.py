@@ -177,6 +177,9 @@ _HF_FIELDS = {"z_channels": "latent_channels", "double_z": "double_latent", "ch"
 
 
 def vq_config_to_hf(cfg: VQConfig) -> dict:
+    if cfg.norm_groups != 32:
+        raise CheckpointError(f"norm_groups={cfg.norm_groups}: transformers' Emu3VQVAE fixes GroupNorm at 32 groups; "
+                              "save this tokenizer in the released layout")
     d = {_HF_FIELDS.get(k, k): v for k, v in cfg.to_dict().items() if k != "dropout"}
     d.update(model_type="emu3_vqgan", hidden_size=cfg.ch * cfg.ch_mult[-1], num_attention_heads=1,
              attention_dropout=0.0)

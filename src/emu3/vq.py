@@ -57,6 +57,10 @@ class VQConfig:
     num_res_blocks: int = 2
     attn_resolutions: list[int] = field(default_factory=lambda: [3])  # level indices, not pixels
     dropout: float = 0.0
+    # Not a released field (the release fixes 32 groups). Narrow tokenizers need fewer: GroupNorm(32)
+    # over 32 channels is instance norm, which erases each channel's spatial mean, i.e. the colours
+    # of flat regions, and a small encoder never learns them back.
+    norm_groups: int = 32
 
     def __post_init__(self) -> None:
         self.ch_mult = [int(m) for m in self.ch_mult]
@@ -77,8 +81,9 @@ class VQConfig:
         if not self.ch_mult:
             problems.append("ch_mult must not be empty")
         for m in self.ch_mult:
-            if (self.ch * m) % 32:
-                problems.append(f"ch * ch_mult entries must be multiples of 32 (GroupNorm(32)), got {self.ch}*{m}")
+            if self.norm_groups < 1 or (self.ch * m) % self.norm_groups:
+                problems.append(f"ch * ch_mult entries must be multiples of norm_groups ({self.norm_groups}), "
+                                f"got {self.ch}*{m}")
                 break
         bad = [a for a in self.attn_resolutions if not 0 <= a < len(self.ch_mult)]
         if bad:
@@ -97,7 +102,10 @@ class VQConfig:
         return self.temporal_downsample_factor
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["norm_groups"] == 32:  # released configs do not have the field
+            del d["norm_groups"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> VQConfig:
@@ -117,8 +125,9 @@ VQ_PRESETS: dict[str, dict] = {
     "emu3": {},
     # Small enough for unit tests (spatial factor 4, codebook 64).
     "tiny": dict(codebook_size=64, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[2]),
-    # The built-in demo model's tokenizer (same 8x/4x factors as the release, ~1/16 of its width).
-    "demo": dict(codebook_size=4096, ch=64, ch_mult=[1, 1, 2, 4], num_res_blocks=1, attn_resolutions=[3]),
+    # The built-in model's tokenizer: the release's 8x/4x factors and layout at 1/8 of its width.
+    "demo": dict(codebook_size=1024, ch=32, ch_mult=[1, 2, 2, 4], num_res_blocks=1, attn_resolutions=[3],
+                 norm_groups=8),
 }
 
 
@@ -132,8 +141,8 @@ def vq_config(name: str = "emu3", **overrides) -> VQConfig:
 # Building blocks (names follow the released modules so that state-dict keys match)
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def _group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class CausalConv3d(nn.Module):
@@ -212,9 +221,9 @@ class SpatialNorm(nn.Module):
 
     use_fused = True
 
-    def __init__(self, channels: int, zq_channels: int):
+    def __init__(self, channels: int, zq_channels: int, groups: int = 32):
         super().__init__()
-        self.norm_layer = _group_norm(channels)
+        self.norm_layer = _group_norm(channels, groups)
         self.conv_y = nn.Conv2d(zq_channels, channels, 1)
         self.conv_b = nn.Conv2d(zq_channels, channels, 1)
 
@@ -233,8 +242,8 @@ class SpatialNorm(nn.Module):
         return torch.addcmul(shift.contiguous()[block], xhat, scale.contiguous()[block]).view(n, c, hh, ww)
 
 
-def _norm(channels: int, zq_channels: int | None) -> nn.Module:
-    return _group_norm(channels) if zq_channels is None else SpatialNorm(channels, zq_channels)
+def _norm(channels: int, zq_channels: int | None, groups: int) -> nn.Module:
+    return _group_norm(channels, groups) if zq_channels is None else SpatialNorm(channels, zq_channels, groups)
 
 
 def _apply_norm(norm: nn.Module, x: torch.Tensor, zq: torch.Tensor | None) -> torch.Tensor:
@@ -242,11 +251,11 @@ def _apply_norm(norm: nn.Module, x: torch.Tensor, zq: torch.Tensor | None) -> to
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, dropout: float, zq_channels: int | None = None):
+    def __init__(self, cin: int, cout: int, dropout: float, zq_channels: int | None = None, groups: int = 32):
         super().__init__()
-        self.norm1 = _norm(cin, zq_channels)
+        self.norm1 = _norm(cin, zq_channels, groups)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = _norm(cout, zq_channels)
+        self.norm2 = _norm(cout, zq_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
@@ -262,9 +271,9 @@ class AttnBlock(nn.Module):
 
     use_sdpa = True  # class-wide switch; the slow twin is the released bmm/softmax formulation
 
-    def __init__(self, channels: int, zq_channels: int | None = None):
+    def __init__(self, channels: int, zq_channels: int | None = None, groups: int = 32):
         super().__init__()
-        self.norm = _norm(channels, zq_channels)
+        self.norm = _norm(channels, zq_channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -348,6 +357,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VQConfig):
         super().__init__()
         self.num_res_blocks = cfg.num_res_blocks
+        g = cfg.norm_groups
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         self.down = nn.ModuleList()
         cin = cfg.ch
@@ -355,15 +365,15 @@ class Encoder(nn.Module):
             cout = cfg.ch * mult
             blocks, attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(cfg.num_res_blocks):
-                blocks.append(ResnetBlock(cin, cout, cfg.dropout))
+                blocks.append(ResnetBlock(cin, cout, cfg.dropout, groups=g))
                 cin = cout
                 if i in cfg.attn_resolutions:
-                    attn.append(AttnBlock(cin))
+                    attn.append(AttnBlock(cin, groups=g))
             last = i == len(cfg.ch_mult) - 1
             self.down.append(_level(block=blocks, attn=attn, downsample=None if last else Downsample(cin)))
-        self.mid = _level(block_1=ResnetBlock(cin, cin, cfg.dropout), attn_1=AttnBlock(cin),
-                          block_2=ResnetBlock(cin, cin, cfg.dropout))
-        self.norm_out = _group_norm(cin)
+        self.mid = _level(block_1=ResnetBlock(cin, cin, cfg.dropout, groups=g), attn_1=AttnBlock(cin, groups=g),
+                          block_2=ResnetBlock(cin, cin, cfg.dropout, groups=g))
+        self.norm_out = _group_norm(cin, g)
         self.conv_out = nn.Conv2d(cin, cfg.z_channels, 3, padding=1)
         n_time = int(math.log2(cfg.temporal_downsample_factor))
         self.time_conv = nn.ModuleList(TemporalDownsample(cfg.z_channels) for _ in range(n_time))
@@ -393,7 +403,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: VQConfig):
         super().__init__()
-        zq_ch = cfg.embed_dim
+        zq_ch, g = cfg.embed_dim, cfg.norm_groups
         self.num_res_blocks = cfg.num_res_blocks
         self.time_res_stack = nn.Sequential(*(TemporalResnetBlock(cfg.z_channels, cfg.dropout)
                                               for _ in range(cfg.num_res_blocks)))
@@ -401,20 +411,20 @@ class Decoder(nn.Module):
         self.time_conv = nn.ModuleList(TemporalUpsample(cfg.z_channels) for _ in range(n_time))
         cin = cfg.ch * cfg.ch_mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, cin, 3, padding=1)
-        self.mid = _level(block_1=ResnetBlock(cin, cin, cfg.dropout, zq_ch), attn_1=AttnBlock(cin, zq_ch),
-                          block_2=ResnetBlock(cin, cin, cfg.dropout, zq_ch))
+        self.mid = _level(block_1=ResnetBlock(cin, cin, cfg.dropout, zq_ch, g), attn_1=AttnBlock(cin, zq_ch, g),
+                          block_2=ResnetBlock(cin, cin, cfg.dropout, zq_ch, g))
         up: list[nn.Module] = []
         for i in reversed(range(len(cfg.ch_mult))):
             cout = cfg.ch * cfg.ch_mult[i]
             blocks, attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(ResnetBlock(cin, cout, cfg.dropout, zq_ch))
+                blocks.append(ResnetBlock(cin, cout, cfg.dropout, zq_ch, g))
                 cin = cout
                 if i in cfg.attn_resolutions:
-                    attn.append(AttnBlock(cin, zq_ch))
+                    attn.append(AttnBlock(cin, zq_ch, g))
             up.insert(0, _level(block=blocks, attn=attn, upsample=Upsample(cin) if i != 0 else None))
         self.up = nn.ModuleList(up)  # up[i] is level i; run from the deepest level up
-        self.norm_out = SpatialNorm(cin, zq_ch)
+        self.norm_out = SpatialNorm(cin, zq_ch, g)
         self.conv_out = nn.Conv2d(cin, cfg.out_channels, 3, padding=1)
 
     def forward_temporal(self, z: torch.Tensor, zq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
