@@ -70,7 +70,8 @@ def test_init_and_convert(tmp_path, capsys):
     assert json.loads((tmp_path / "b" / "config.json").read_text())["model_type"] == "emu3_vqgan"
 
 
-def test_errors_are_one_line_with_status_2(tiny_dir, tmp_path, capsys):
+def test_errors_are_one_line_with_status_2(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("emu3.assets.builtin_model", lambda: None)  # as in an installation without it
     Image.fromarray(scene(40, 56)).save(tmp_path / "ok.png")
     (tmp_path / "text.png").write_text("hello")
     (tmp_path / "bomb.png").write_bytes(png_declaring(20000, 20000))
@@ -80,7 +81,7 @@ def test_errors_are_one_line_with_status_2(tiny_dir, tmp_path, capsys):
     np.save(tmp_path / "far.npy", np.full((4, 4), 10**6))
     np.save(tmp_path / "float.npy", np.zeros((4, 4)))
     cases = [
-        ((tmp_path / "ok.png",), "--tokenizer DIR is required", False),
+        ((tmp_path / "ok.png",), "no built-in model, so pass --tokenizer DIR", False),
         ((tmp_path / "text.png",), "not an image file", True),
         ((tmp_path / "bomb.png",), "larger than the limit of 67108864 pixels", True),
         ((tmp_path / "wide.png",), "aspect ratio 6.00", True),

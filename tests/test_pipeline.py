@@ -107,7 +107,7 @@ def test_cli_video_commands(folder, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["generate", "x", "-o", "o.png"], "--model DIR is required"),
+    (["generate", "x", "-o", "o.png"], "no built-in model, so pass --model DIR"),
     (["generate", "x", "-o", "o.png", "--image-area", "1000000"], "more than the model's context of 4096 tokens"),
     (["generate", "x", "-o", "o.png", "--top-p", "0"], "top_p must be in (0, 1]"),
     (["generate", "x", "-o", "o.png", "--temperature", "nan"], "temperature must be a finite number"),
@@ -116,9 +116,10 @@ def test_cli_video_commands(folder, tmp_path, capsys):
     (["generate", "-o", "o.png"], "give a prompt"),
     (["generate-video", "x", "-o", "o.png"], "cannot write a video"),
 ])
-def test_cli_errors_before_compute(folder, tmp_path, capsys, argv, message):
+def test_cli_errors_before_compute(folder, tmp_path, capsys, argv, message, monkeypatch):
+    monkeypatch.setattr("emu3.assets.builtin_model", lambda: None)  # as in an installation without it
     argv = [a if not a.startswith("o.") else str(tmp_path / a) for a in argv]
-    if "--model" not in argv and message != "--model DIR is required":
+    if "--model" not in argv and message != "no built-in model, so pass --model DIR":
         argv += ["--model", str(folder)]
     assert main(argv) == 2
     assert message in capsys.readouterr().err

@@ -23,11 +23,11 @@ from .vision import MODES, PRESET_PROCESSORS, VisionTokenizer
 from .vq import num_parameters
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-NO_MODEL = ("--model DIR is required until the built-in model ships: pass an Emu3 model folder (Emu3-Gen, "
-            "Emu3-Chat, Emu3-Stage1, an Emu3-*-hf folder, or one written by emu3's training)")
-NO_TOKENIZER = ("--tokenizer DIR is required until the built-in model ships: pass a vision tokenizer folder "
-                "(config.json + model.safetensors): BAAI's Emu3-VisionTokenizer, an Emu3-*-hf folder, a "
-                "transformers Emu3VQVAE folder, or one made by `emu3 vq init`")
+NO_MODEL = ("no model: this installation has no built-in model, so pass --model DIR (an Emu3 model folder: "
+            "Emu3-Gen, Emu3-Chat, Emu3-Stage1, an Emu3-*-hf folder, or one written by emu3's training)")
+NO_TOKENIZER = ("no vision tokenizer: this installation has no built-in model, so pass --tokenizer DIR (a folder "
+                "with config.json + model.safetensors: BAAI's Emu3-VisionTokenizer, an Emu3-*-hf folder, a "
+                "transformers Emu3VQVAE folder, or one made by `emu3 vq init` / `emu3 train-vq`)")
 
 
 def _device_dtype(args):
@@ -44,10 +44,13 @@ def _device_dtype(args):
 
 
 def _tokenizer(args):
-    if not args.tokenizer:
+    from .assets import builtin_model
+
+    folder = args.tokenizer or (builtin_model() / "vision_tokenizer" if builtin_model() else None)
+    if folder is None:
         raise InputError(NO_TOKENIZER)
     device, dtype = _device_dtype(args)
-    return VisionTokenizer.from_pretrained(args.tokenizer, device=device, dtype=dtype, frame_batch=args.frame_batch)
+    return VisionTokenizer.from_pretrained(folder, device=device, dtype=dtype, frame_batch=args.frame_batch)
 
 
 def _read_input(tok, args):
@@ -184,12 +187,14 @@ def cmd_tokenizer_decode(args) -> None:
 
 
 def _pipeline(args):
+    from .assets import builtin_model
     from .pipeline import Emu3
 
-    if not args.model:
+    model = args.model or builtin_model()
+    if model is None:
         raise InputError(NO_MODEL)
     device, dtype = _device_dtype(args)
-    return Emu3.from_pretrained(args.model, args.tokenizer, device=device, dtype=dtype)
+    return Emu3.from_pretrained(model, args.tokenizer, device=device, dtype=dtype)
 
 
 def _numbered(path: Path, i: int, count: int) -> Path:
@@ -319,6 +324,43 @@ def cmd_train(args) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {out['steps']} steps, last loss {out['loss']:.4f}, {out['tokens']} tokens in "
               f"{out['seconds']:.1f} s; checkpoint {out['checkpoint']}")
+
+
+def cmd_train_vq(args) -> None:
+    from .train.vq import make_vq_config, train_vq
+
+    cfg = make_vq_config(args.preset, args.overrides)
+    result = train_vq(cfg, progress=not args.quiet)
+    print(f"wrote {Path(cfg.out) / 'tokenizer'}: held-out image PSNR {result['image_psnr']:.2f} dB, SSIM "
+          f"{result['image_ssim']:.4f}; video PSNR {result['video_psnr']:.2f} dB; codebook usage "
+          f"{result['codebook_usage']:.0%}")
+
+
+def cmd_eval(args) -> None:
+    from .eval import bench
+
+    emu = _pipeline(args)
+    results = bench.evaluate(emu, generation=args.generation, understanding=args.understanding, video=args.video,
+                             tokenizer=args.tokenizer_images, seed=args.seed)
+    if args.json:
+        with atomic_file(Path(args.json)) as tmp:
+            tmp.write_text(json.dumps(results, indent=2))
+    print(bench.table(results))
+
+
+def cmd_demo(args) -> None:
+    from .demo import build_report
+
+    emu = _pipeline(args)
+    path = build_report(emu, args.output, seed=args.seed, model_name=str(args.model or "the built-in model"))
+    print(f"wrote {path}")
+
+
+def cmd_build_demo(args) -> None:
+    from .world.recipe import build_demo
+
+    build_demo(args.output, vq_steps=args.vq_steps, lm_steps=args.lm_steps, seed=args.seed,
+               progress=not args.quiet)
 
 
 def cmd_export(args) -> None:
@@ -461,6 +503,28 @@ def build_parser() -> argparse.ArgumentParser:
     guidance_opts(p)
     p.set_defaults(func=cmd_inpaint)
 
+    p = sub.add_parser("eval", help="score a model on the shapes world (generation, understanding, video, tokenizer)")
+    p.add_argument("--generation", type=int, default=32, metavar="N", help="prompts per category (0: skip)")
+    p.add_argument("--understanding", type=int, default=200, metavar="N", help="questions (0: skip)")
+    p.add_argument("--video", type=int, default=24, metavar="N", help="clips to extend (0: skip)")
+    p.add_argument("--tokenizer-images", type=int, default=128, metavar="N", help="images to reconstruct (0: skip)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    lm_opts(p)
+    p.set_defaults(func=cmd_eval, seed=10_000)
+
+    p = sub.add_parser("demo", help="write a self-contained HTML report of what a model does")
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
+    lm_opts(p)
+    p.set_defaults(func=cmd_demo, seed=50_000)
+
+    p = sub.add_parser("build-demo", help="reproduce the built-in model: tokenizers, data, training, export")
+    p.add_argument("output", metavar="OUT")
+    p.add_argument("--vq-steps", type=int, help="default: the demo VQ recipe's (emu3.train.vq.VQ_STAGES)")
+    p.add_argument("--lm-steps", type=int, help="default: the demo preset's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_build_demo)
+
     p = sub.add_parser("convert", help="rewrite a model folder in the released or transformers (-hf) layout")
     p.add_argument("input", metavar="DIR")
     p.add_argument("-o", "--output", required=True, metavar="DIR")
@@ -492,6 +556,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data=runs/data steps=500 out=runs/x")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-vq", help="train a vision tokenizer on the shapes world (resumes from out=DIR)")
+    p.add_argument("preset", help="demo (the built-in tokenizer) or tiny")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. steps=4000 out=runs/vq")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train_vq)
 
     p = sub.add_parser("export", help="write a training run's checkpoint as a model folder")
     p.add_argument("run", metavar="RUN_DIR")

@@ -32,7 +32,7 @@ MODES = ("chunks", "causal")
 PRESET_PROCESSORS = {
     "emu3": ImageProcessor(512 * 512, 1024 * 1024, 8),  # as released
     "tiny": ImageProcessor(16 * 16, 64 * 64, 4),
-    "demo": ImageProcessor(64 * 64, 128 * 128, 8),
+    "demo": ImageProcessor(64 * 64, 64 * 64, 8),  # the shapes world is 64x64
 }
 
 

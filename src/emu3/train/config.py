@@ -132,6 +132,11 @@ STAGES: dict[str, dict] = {
     "dpo": dict(model="emu3-8b", seq_len=9216, lr=7e-6, min_lr=7e-7, warmup=5, steps=40, dpo=True, dropout=0.0,
                 batch_size=1, grad_accum=128, **_RELEASED_OPTIM),
 }
+# The built-in model (emu3.world.recipe sets its data): images, QA, videos and stories of the shapes
+# world; visual codes weigh 1 (image generation is what the demo is judged on).
+STAGES["demo"] = dict(model="demo", seq_len=512, batch_size=16, steps=2400, lr=1e-3, min_lr=5e-5, warmup=100,
+                      dropout=0.0, vision_weight=1.0, caption_after=0.15, drop_caption=0.1, video_extension=0.5,
+                      weight_decay=0.1, grad_clip=1.0, save_every=100, keep_last=2)
 # Small twins: the same recipes for the tiny model on this machine.
 _TINY = dict(model="tiny", seq_len=512, batch_size=4, steps=200, warmup=10, save_every=50)
 STAGES.update({

@@ -1,0 +1,104 @@
+"""`emu3 demo -o report/`: one self-contained HTML page (images and videos inlined as data URIs) that
+shows what a model does on the shapes world: generated images for prompts of every evaluation
+category with the detector's verdict, answers to questions about held-out images, generated and
+extended videos, tokenizer reconstructions, and the evaluation table.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import media
+from .eval import bench
+from .fsutil import atomic_file
+from .world.motion import describe, sample_clip
+from .world.scenes import questions, render, sample_scene
+
+
+def _png(img: np.ndarray, scale: int = 3) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _gif(frames: np.ndarray, fps: float = 8.0, scale: int = 3) -> str:
+    big = np.stack([np.asarray(Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST))
+                    for f in frames])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "v.gif"
+        media.write_video(path, big, fps)
+        return "data:image/gif;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _figure(src: str, caption: str, ok: bool | None = None) -> str:
+    mark = "" if ok is None else (' <b class="ok">&#10003;</b>' if ok else ' <b class="no">&#10007;</b>')
+    return f'<figure><img src="{src}"><figcaption>{html.escape(caption)}{mark}</figcaption></figure>'
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
+h1{margin-bottom:0}.sub{color:#666;margin-top:4px}section{margin-top:28px}
+.grid{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;width:200px}figure img{width:192px;image-rendering:pixelated;
+border:1px solid #ccc}figcaption{font-size:13px;margin-top:4px}.ok{color:#1a7f37}.no{color:#c62828}
+table{border-collapse:collapse;margin-top:8px}td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}"""
+
+
+def build_report(emu, out: str, seed: int = 50_000, eval_sizes: dict | None = None, model_name: str = "") -> Path:
+    """Write out/index.html; returns its path."""
+    t0 = time.time()
+    rng = np.random.default_rng(seed)
+    parts = []
+    prompts = bench.geneval_prompts(2, seed)
+    gens = emu.generate_images([p.text for p in prompts], seed=seed)
+    figs = [_figure(_png(g.pixels), p.text, bench.score(p, g.pixels)) for p, g in zip(prompts, gens)]
+    parts.append('<section><h2>Text to image</h2><p>Prompts from every evaluation category; the mark is the '
+                 'detector\'s verdict against the prompt.</p><div class="grid">' + "".join(figs) + "</div></section>")
+    qa = []
+    for _ in range(8):
+        scene = sample_scene(rng)
+        (q, a), = questions(scene, rng, 1)
+        answer = emu.chat(render(scene), q, max_new_tokens=4)
+        qa.append(_figure(_png(render(scene)), f"{q}? -> {answer} (truth: {a})", answer.strip().lower() == a))
+    parts.append('<section><h2>Questions about held-out images</h2><div class="grid">' + "".join(qa) +
+                 "</div></section>")
+    vids = []
+    for i in range(3):
+        clip = sample_clip(rng)
+        frames = clip.render()
+        g = emu.extend_video(frames[:4], describe(clip), new_frames=3, seed=seed + i)
+        vids.append(_figure(_gif(frames), f"world: {describe(clip)}"))
+        vids.append(_figure(_gif(g.pixels), "model: given the first 4 frames"))
+    t2v = emu.generate_video(describe(sample_clip(rng)), frames=4, seed=seed)
+    vids.append(_figure(_gif(t2v.pixels), f"text to video: {t2v.prompt}"))
+    parts.append('<section><h2>Videos</h2><div class="grid">' + "".join(vids) + "</div></section>")
+    recon = []
+    for _ in range(4):
+        img = render(sample_scene(rng))
+        rec = emu.vision.decode_image(emu.vision.encode_image(img))
+        from .metrics import psnr
+
+        recon.append(_figure(_png(img), "original"))
+        recon.append(_figure(_png(rec), f"through the tokenizer: {psnr(img, rec):.1f} dB"))
+    parts.append('<section><h2>Vision tokenizer</h2><div class="grid">' + "".join(recon) + "</div></section>")
+    sizes = eval_sizes or {"generation": 8, "understanding": 48, "video": 6, "tokenizer": 64}
+    results = bench.evaluate(emu, **sizes, seed=seed)
+    rows = "".join(f"<tr><td>{b}</td><td>{m}</td><td>{v:.3f}</td></tr>" for b, ms in results.items()
+                   for m, v in ms.items() if isinstance(v, float))
+    parts.append(f"<section><h2>Evaluation</h2><p>{html.escape(str(sizes))} held-out items (emu3 eval runs the "
+                 f"full set).</p><table><tr><th>benchmark</th><th>metric</th><th>value</th></tr>{rows}</table>"
+                 "</section>")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>emu3 demo</title><style>{CSS}</style></head>"
+            f"<body><h1>emu3 demo</h1><p class='sub'>{html.escape(model_name)}; made in {time.time() - t0:.0f} s "
+            "by <code>emu3 demo</code></p>" + "".join(parts) + "</body></html>")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / "index.html") as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return out / "index.html"

@@ -1,0 +1,127 @@
+"""Datasets of the shapes world for the built-in model: a text corpus for its BPE, and token shards
+(the format of `emu3 tokenize-dataset`) of captioned images, questions and answers, videos and
+interleaved stories, rendered in memory and encoded with a vision tokenizer in large batches.
+
+Seeds: record i of kind k is drawn from PCG64([seed, kind index, i]), so datasets are reproducible
+and a held-out set is just another seed (the evaluators use seed 10_000 and up; training 0).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..data.shards import FORMAT, VERSION, Record, write_index, write_shard
+from .motion import describe, sample_clip
+from .scenes import COLORS, Shape, _fits, article, caption, questions, relation, render, sample_scene
+
+KINDS = ("images", "qa", "videos", "stories")
+
+
+def rng_for(seed: int, kind: str, i: int) -> np.random.Generator:
+    return np.random.default_rng([seed, KINDS.index(kind), i])
+
+
+def story(rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
+    """Three steps: a shape appears, a second one joins beside it, the first changes colour."""
+    first = sample_scene(rng, 1)
+    a = first.shapes[0]
+    steps = [(f"first, {article(a.color)} {a.color} {a.kind} appears.", render(first))]
+    second = None
+    for _ in range(100):
+        cand = sample_scene(rng, 1).shapes[0]
+        if _fits([a], cand, first.size):
+            second = cand
+            break
+    if second is None:
+        second = Shape("circle", "blue", 64 - a.x, 64 - a.y, 5.0)
+    two = type(first)([a, second], first.background)
+    rel = relation(second, a) or "next to"
+    steps.append((f"then {article(second.color)} {second.color} {second.kind} appears {rel} it.", render(two)))
+    new = [c for c in COLORS if c != a.color][int(rng.integers(len(COLORS) - 1))]
+    changed = type(first)([Shape(a.kind, new, a.x, a.y, a.r), second], first.background)
+    steps.append((f"finally the {a.kind} turns {new}.", render(changed)))
+    return steps
+
+
+def corpus(seed: int = 0, n: int = 4000) -> list[str]:
+    """Text for the BPE: captions, questions, answers, motion descriptions, stories."""
+    texts = []
+    for i in range(n):
+        rng = rng_for(seed, "images", i)
+        scene = sample_scene(rng)
+        texts.append(caption(scene, rng))
+        texts += [f"{q} {a}" for q, a in questions(scene, rng, 2)]
+        if i % 4 == 0:
+            texts.append(describe(sample_clip(rng_for(seed, "videos", i))))
+            texts += [t for t, _ in story(rng_for(seed, "stories", i))]
+    return texts
+
+
+def _write(out: Path, records: list[Record], vocab: dict, shard_size: int = 4096) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for s, start in enumerate(range(0, len(records), shard_size)):
+        chunk = records[start:start + shard_size]
+        shards.append({**write_shard(out, s, chunk), "inputs": len(chunk), "skipped": {}})
+    write_index(out, {"format": FORMAT, "version": VERSION, "vocab": vocab, "shards": shards})
+
+
+def build(out: str | os.PathLike, vision, text, counts: dict[str, int], seed: int = 0, batch: int = 256,
+          progress: bool = True) -> dict[str, int]:
+    """Write one dataset per kind under `out` (images/, qa/, videos/, stories/); returns record counts."""
+    out = Path(out)
+    vocab = {"text_size": text.vocab.text_size, "codebook_size": text.vocab.codebook_size}
+    ids = lambda s: np.asarray(text.encode(s, allow_special=False), np.int64)  # noqa: E731
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(counts.values()), unit="rec", desc="world", dynamic_ncols=True)
+
+    def encode(images: list[np.ndarray]) -> list[np.ndarray]:
+        return [c.numpy() for c in vision.encode_images(images)]
+
+    done = {}
+    for kind in KINDS:
+        n = counts.get(kind, 0)
+        if not n:
+            continue
+        records: list[Record] = []
+        for start in range(0, n, batch):
+            items = range(start, min(n, start + batch))
+            if kind in ("images", "qa"):
+                drawn = []
+                for i in items:
+                    rng = rng_for(seed, kind, i)
+                    drawn.append((rng, sample_scene(rng)))
+                codes = encode([render(sc) for _, sc in drawn])
+                for (rng, sc), c in zip(drawn, codes):
+                    if kind == "images":
+                        records.append(Record("image", {"caption": ids(caption(sc, rng)), "codes": c}))
+                    else:
+                        (q, a), = questions(sc, rng, 1)
+                        records.append(Record("qa", {"codes": c, "question": ids(q), "answer": ids(a)}))
+            elif kind == "videos":
+                for i in items:
+                    clip = sample_clip(rng_for(seed, kind, i))
+                    c = vision.encode_video(clip.render(), "causal").numpy()
+                    records.append(Record("video", {"caption": ids(describe(clip)), "codes": c},
+                                          {"fps": 8.0, "frames": clip.frames, "mode": "causal"}))
+            else:
+                for i in items:
+                    steps = story(rng_for(seed, kind, i))
+                    codes = encode([img for _, img in steps])
+                    fields = {}
+                    for j, ((t, _), c) in enumerate(zip(steps, codes)):
+                        fields[f"s{2 * j}"], fields[f"s{2 * j + 1}"] = ids(t), c
+                    records.append(Record("interleaved", fields, {"segments": ["text", "image"] * len(steps)}))
+            if bar is not None:
+                bar.update(len(items))
+        _write(out / kind, records, vocab)
+        done[kind] = len(records)
+    if bar is not None:
+        bar.close()
+    return done

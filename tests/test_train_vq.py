@@ -1,0 +1,79 @@
+"""`emu3 train-vq`: identity-initialised temporal layers, the warm-up and codebook fit, exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from emu3.errors import InputError
+from emu3.train import vq as tvq
+from emu3.vq import VisionVQ, vq_config
+
+
+def test_temporal_layers_start_as_identities():
+    model = VisionVQ(vq_config("tiny"))
+    tvq.init_temporal_identity(model, shift=3.0)
+    z = torch.randn(2, model.config.z_channels, 8, 4, 4)  # (B, C, T, h, w)
+    assert torch.equal(model.post_quant_conv(z), z)
+    torch.testing.assert_close(model.quant_conv(z), z - 3.0)
+    up = model.decoder.time_conv
+    torch.testing.assert_close(up[0](z), torch.repeat_interleave(z, 2, dim=2) + 3.0)
+    assert torch.equal(up[1](z), torch.repeat_interleave(z, 2, dim=2))
+    down = model.encoder.time_conv
+    torch.testing.assert_close(down[0](z), z[:, :, 1::2] + 3.0)  # the newest frame each output sees
+    assert torch.equal(down[1](z), z[:, :, 1::2])
+
+
+def test_kmeans_codebook_covers_the_latents():
+    cfg = tvq.VQTrainConfig(preset="tiny", video_every=0)
+    model = VisionVQ(vq_config("tiny"))
+    tvq._init_codebook(model, cfg, images=128)
+    x, _ = tvq._batch(1 << 40, tvq.VQTrainConfig(**{**cfg.__dict__, "batch_size": 64}))
+    codes = model.quantize(model.encode_latents(x))
+    assert len(torch.unique(codes)) > 0.5 * model.config.codebook_size  # not collapsed onto a few codes
+
+
+def test_config_is_validated():
+    with pytest.raises(InputError, match="ae_warmup"):
+        tvq.VQTrainConfig(steps=200, ae_warmup=200).validate()
+    with pytest.raises(InputError, match="warmup=100"):
+        tvq.VQTrainConfig(steps=50).validate()
+    with pytest.raises(InputError, match="key=value"):
+        tvq.make_vq_config("tiny", ["stepz=3"])
+
+
+def test_stopped_run_resumes_exactly(tmp_path, monkeypatch):
+    """A run killed mid-way (after a checkpoint, inside the warm-up) and restarted ends bit-identical to
+    one that never stopped: weights, codebook and the metrics log."""
+    common = ["steps=10", "ae_warmup=4", "save_every=3", "restart_every=3", "eval_images=4"]
+    whole = tvq.train_vq(tvq.make_vq_config("tiny", common + [f"out={tmp_path / 'a'}"]), progress=False)
+
+    real_batch, calls = tvq._batch, []
+
+    def dying(step, cfg):
+        calls.append(step)
+        if step == 7:
+            raise KeyboardInterrupt
+        return real_batch(step, cfg)
+
+    cfg = tvq.make_vq_config("tiny", common + [f"out={tmp_path / 'b'}"])
+    monkeypatch.setattr(tvq, "_batch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        tvq.train_vq(cfg, progress=False)
+    monkeypatch.setattr(tvq, "_batch", real_batch)
+    resumed = tvq.train_vq(cfg, progress=False)
+    assert whole == resumed
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "a" / "tokenizer" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "tokenizer" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = lambda d: (tmp_path / d / "metrics.csv").read_text().splitlines()  # noqa: E731
+    assert [r.split(",")[:3] for r in rows("a")] == [r.split(",")[:3] for r in rows("b")]
+    assert len(rows("b")) == 11
+    result = json.loads((tmp_path / "b" / "eval.json").read_text())
+    assert set(result) >= {"image_psnr", "codebook_usage", "detector_agreement"}
+    assert np.isfinite(result["image_psnr"])

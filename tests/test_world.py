@@ -1,0 +1,146 @@
+"""The shapes world, its exact detector, evaluators, dataset builder and demo report."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from emu3.eval import bench
+from emu3.eval.detect import detect
+from emu3.world.motion import sample_clip, trajectory
+from emu3.world.scenes import SHAPES, Scene, Shape, caption, questions, relation, render, sample_scene
+
+
+def test_world_is_deterministic_and_well_formed():
+    a = sample_scene(np.random.default_rng(5))
+    b = sample_scene(np.random.default_rng(5))
+    assert a == b and np.array_equal(render(a), render(b))
+    for seed in range(50):
+        scene = sample_scene(np.random.default_rng(seed))
+        assert 1 <= len(scene.shapes) <= 4 and render(scene).shape == (64, 64, 3)
+        for i, s in enumerate(scene.shapes):
+            for o in scene.shapes[i + 1:]:
+                assert np.hypot(s.x - o.x, s.y - o.y) > s.r + o.r  # never overlapping
+
+
+def test_detector_recovers_the_ground_truth():
+    rng = np.random.default_rng(123)
+    exact, errors = 0, []
+    for _ in range(200):
+        scene = sample_scene(rng)
+        found = detect(render(scene))
+        exact += sorted((d.color, d.kind) for d in found) == sorted((s.color, s.kind) for s in scene.shapes)
+        for s in scene.shapes:
+            same = [d for d in found if (d.color, d.kind) == (s.color, s.kind)]
+            errors += [min(np.hypot(d.x - s.x, d.y - s.y) for d in same)] if same else []
+    assert exact >= 198 and np.mean(errors) < 1.2
+
+
+def test_language_matches_the_scene():
+    scene = Scene([Shape("circle", "red", 15, 30, 7), Shape("square", "blue", 48, 32, 7)])
+    assert relation(scene.shapes[0], scene.shapes[1]) == "left of"
+    rng = np.random.default_rng(0)
+    texts = {caption(scene, rng) for _ in range(40)}
+    assert "a red circle left of a blue square" in texts and "a red circle and a blue square" in texts
+    qa = dict(questions(scene, rng, 50))
+    assert qa["how many circles are there"] == "one" and qa["how many triangles are there"] == "zero"
+    assert qa["what color is the square"] == "blue"
+    assert qa["is the red circle left of the blue square"] == "yes"
+    assert qa["is the red circle right of the blue square"] == "no"
+
+
+def test_motion_bounces_and_stays_inside():
+    clip = sample_clip(np.random.default_rng(3))
+    for t in range(40):
+        for s, (x, y) in zip(clip.scene.shapes, clip.positions(t)):
+            assert s.r + 1 - 1e-9 <= x <= 63 - s.r + 1e-9 and s.r + 1 - 1e-9 <= y <= 63 - s.r + 1e-9
+    s = Shape("circle", "red", 55.0, 30.0, 5.0)
+    # the centre's wall is at 64 - 1 - r = 58: 55 -> 57 -> (59 reflected) 57 -> 55
+    assert [trajectory(s, (2.0, 0.0), t)[0] for t in range(4)] == [55.0, 57.0, 57.0, 55.0]
+    frames = clip.render()
+    assert frames.shape == (16, 64, 64, 3)
+
+
+def test_generation_scoring_on_ground_truth_images():
+    """Rendering a scene that satisfies the prompt must score as right; violating it, as wrong."""
+    prompts = bench.geneval_prompts(3, seed=7)
+    assert {p.category for p in prompts} == set(bench.CATEGORIES)
+    for p in prompts:
+        sp = p.spec
+        if p.category == "counting":
+            scene = sample_scene(np.random.default_rng(1), sp["n"], [sp["kind"]] * sp["n"], [sp["color"]] * sp["n"])
+            wrong = sample_scene(np.random.default_rng(1), sp["n"] - 1, [sp["kind"]] * 3, [sp["color"]] * 3)
+        elif p.category in ("two_object", "color_attr"):
+            objs = [(None, k) for k in sp["kinds"]] if p.category == "two_object" else sp["objects"]
+            kinds, colors = [k for _, k in objs], [c or "red" for c, _ in objs]
+            scene = sample_scene(np.random.default_rng(1), 2, kinds, colors)
+            wrong = sample_scene(np.random.default_rng(1), 1, kinds, colors)
+        elif p.category == "position":
+            (c1, s1), (c2, s2) = sp["a"], sp["b"]
+            dx, dy = {"left of": (-15, 0), "right of": (15, 0), "above": (0, -15), "below": (0, 15)}[sp["rel"]]
+            scene = Scene([Shape(s1, c1, 32 + dx, 32 + dy, 6), Shape(s2, c2, 32 - dx, 32 - dy, 6)])
+            wrong = Scene([Shape(s1, c1, 32 - dx, 32 - dy, 6), Shape(s2, c2, 32 + dx, 32 + dy, 6)])
+        else:
+            kind, color = sp["kind"], sp.get("color", "green")
+            scene = sample_scene(np.random.default_rng(1), 1, [kind], [color])
+            other = [k for k in SHAPES if k != kind][0]
+            wrong = sample_scene(np.random.default_rng(1), 1, [other], [color])
+        assert bench.score(p, render(scene)), p
+        assert not bench.score(p, render(wrong)), p
+
+
+def test_evaluators_and_report_run_end_to_end(tmp_path, small_tokenizer):
+    """On a tiny random model: every evaluator returns its figures, the report is one HTML file."""
+    import torch
+
+    from emu3.checkpoint import save_model
+    from emu3.demo import build_report
+    from emu3.model import Emu3LM, model_config
+    from emu3.pipeline import Emu3
+    from emu3.tokenizer import TextTokenizer
+    from emu3.vision import VisionTokenizer
+    from emu3.world.build import corpus
+
+    text = TextTokenizer.train(corpus(0, 40), 300, 1024, min_frequency=1)
+    vision = VisionTokenizer.from_preset("demo")
+    model = Emu3LM(model_config("tiny", text.vocab, image_area=64 * 64))
+    model.init_weights(torch.Generator().manual_seed(0))
+    save_model(model, tmp_path / "m", tokenizer=text, vq=vision.model, extra_files={
+        "vision_tokenizer": {"preprocessor_config.json": vision.processor.to_dict()},
+        "emu3_defaults.json": {"positive_suffix": "", "negative_prompt": "", "image_top_k": 16}})
+    emu = Emu3.from_pretrained(tmp_path / "m")
+    results = bench.evaluate(emu, generation=1, understanding=2, video=1, tokenizer=4)
+    assert set(results) == {"tokenizer", "generation", "understanding", "video"}
+    assert 0 <= results["generation"]["overall"] <= 1 and results["video"]["objects"] >= 12
+    assert "| generation | overall |" in bench.table(results)
+    page = build_report(emu, tmp_path / "report", eval_sizes={"generation": 1, "understanding": 1, "video": 1,
+                                                               "tokenizer": 4})
+    html = page.read_text()
+    assert html.count("data:image/png;base64") >= 12 and "data:image/gif;base64" in html and "<table>" in html
+
+
+def test_dataset_builder_writes_every_kind(tmp_path, small_tokenizer):
+    from emu3.data.shards import TokenDataset
+    from emu3.tokenizer import TextTokenizer
+    from emu3.vision import VisionTokenizer
+    from emu3.world.build import build, corpus
+
+    text = TextTokenizer.train(corpus(0, 40), 300, 1024, min_frequency=1)
+    vision = VisionTokenizer.from_preset("demo")
+    counts = build(tmp_path, vision, text, {"images": 5, "qa": 3, "videos": 1, "stories": 1}, progress=False)
+    assert counts == {"images": 5, "qa": 3, "videos": 1, "stories": 1}
+    video = TokenDataset(tmp_path / "videos")[0]
+    assert video.kind == "video" and video.fields["codes"].shape == (4, 8, 8)
+    story = TokenDataset(tmp_path / "stories")[0]
+    assert story.meta["segments"] == ["text", "image"] * 3
+    again = build(tmp_path / "again", vision, text, {"images": 5}, progress=False)
+    assert again == {"images": 5}
+    assert np.array_equal(TokenDataset(tmp_path / "again" / "images")[4].fields["codes"],
+                          TokenDataset(tmp_path / "images")[4].fields["codes"])  # seeded
+
+
+def test_prompts_are_in_the_training_language():
+    """Every word of every evaluation prompt occurs in captions the training data is made of."""
+    rng = np.random.default_rng(0)
+    words = {w for _ in range(5000) for w in caption(sample_scene(rng), rng).split()}
+    for p in bench.geneval_prompts(10, seed=3):
+        assert set(p.text.split()) <= words, p.text
