@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
 
 from emu3.eval import bench
 from emu3.eval.detect import detect
@@ -144,3 +147,24 @@ def test_prompts_are_in_the_training_language():
     words = {w for _ in range(5000) for w in caption(sample_scene(rng), rng).split()}
     for p in bench.geneval_prompts(10, seed=3):
         assert set(p.text.split()) <= words, p.text
+
+
+@pytest.mark.slow
+def test_build_demo_end_to_end_and_resumable(tmp_path):
+    """The built-in model's recipe, shortened: every stage runs, the folder loads and answers, and a
+    second call finds every stage done."""
+    from emu3.pipeline import Emu3
+    from emu3.world.recipe import build_demo
+
+    logs = []
+    counts = {"images": 48, "qa": 24, "videos": 2, "stories": 2}
+    final = build_demo(tmp_path / "b", vq_steps=12, lm_steps=4, counts=counts, progress=False, log=logs.append)
+    recipe = json.loads((final / "RECIPE.json").read_text())
+    assert recipe["vq"]["steps"] == 12 and recipe["lm"]["steps"] == 4 and recipe["dataset_counts"] == counts
+    emu = Emu3.from_pretrained(final)
+    (image,) = emu.generate_images(["a red circle"], seed=0)
+    assert image.pixels.shape == (64, 64, 3)
+    assert isinstance(emu.chat(image.pixels, "what color is the circle", max_new_tokens=2), str)
+    logs.clear()
+    build_demo(tmp_path / "b", vq_steps=12, lm_steps=4, counts=counts, progress=False, log=logs.append)
+    assert sum("done already" in line for line in logs) == 4

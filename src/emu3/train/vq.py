@@ -7,13 +7,16 @@ network can be downloaded here) + codebook loss ||sg(z) - e||^2 + commitment bet
 with the straight-through estimator carrying gradients past the nearest-neighbour lookup.
 
 The first `ae_warmup` steps train a plain autoencoder (no quantisation); then the codebook is set to
-k-means centroids of encoder outputs. Without that warm-up a narrow tokenizer never separates
-similar colours: codes start on an undifferentiated latent cloud, the decoder only ever sees
-codebook vectors, learns their average colour, and the encoder gets no signal to move apart
-latents that share a code. Afterwards, codes unused for `restart_every` steps are moved onto
-encoder outputs of the current batch drawn in proportion to their quantisation error, so that most
-of the codebook stays in use and spare capacity goes to the worst-reconstructed patches (the few
-coloured shapes, not the many background cells).
+k-means centroids of encoder outputs, so that codes start spread over where the latents really are
+instead of on a tiny cloud at the origin. Afterwards, codes unused for `restart_every` steps are
+moved onto encoder outputs of the current batch drawn in proportion to their quantisation error, so
+that most of the codebook stays in use and spare capacity goes to the worst-reconstructed patches
+(the few coloured shapes, not the many background cells).
+
+What a small tokenizer of this family needs that the released 8B-era one did not (measured on the
+world; see init_temporal_identity): identity-initialised temporal layers, and a learning rate of
+about 3e-4, since at 1e-3 the 2D encoder stops passing colour on. Without both, reconstructions
+keep the shapes but collapse every colour onto two hues for thousands of steps.
 
 Images are 4 repeated frames (decoded to frame 0, as released); every `video_every`-th step
 trains on 16-frame clips instead, which is what teaches the causal temporal layers.

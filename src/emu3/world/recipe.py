@@ -53,7 +53,9 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
     vq_over = [f"out={out / 'vq'}", f"seed={seed}"]
     if vq_steps:  # the warm-up keeps its share of the run
         stage_vq = make_vq_config("demo", [])
-        vq_over += [f"steps={vq_steps}", f"ae_warmup={stage_vq.ae_warmup * vq_steps // stage_vq.steps}"]
+        share = lambda n: n * vq_steps // stage_vq.steps  # noqa: E731
+        vq_over += [f"steps={vq_steps}", f"ae_warmup={share(stage_vq.ae_warmup)}", f"warmup={share(stage_vq.warmup)}",
+                    f"save_every={max(1, share(stage_vq.save_every))}"]
     vq_cfg = make_vq_config("demo", vq_over)
     stage("vision tokenizer", lambda: (out / "vq" / "tokenizer" / "model.safetensors").exists(),
           lambda: train_vq(vq_cfg, progress))
@@ -65,8 +67,10 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
           lambda: build(out / "data", vision, text, counts, seed, progress=progress))
     data = ",".join(f"{out / 'data' / k}:{w}" for k, w in MIX.items() if counts.get(k))
     overrides = {"data": data, "text_tokenizer": str(out / "text"), "out": str(out / "lm"), "seed": seed}
-    if lm_steps:
-        overrides["steps"] = lm_steps
+    if lm_steps:  # a shorter run keeps the recipe's proportions
+        stage_lm = make_config("demo", {})
+        overrides.update(steps=lm_steps, warmup=stage_lm.warmup * lm_steps // stage_lm.steps,
+                         save_every=max(1, stage_lm.save_every * lm_steps // stage_lm.steps))
     lm_cfg = make_config("demo", overrides)
     stage("language model", lambda: (out / "lm" / f"ckpt-{lm_cfg.steps:08d}" / "COMMITTED").exists(),
           lambda: train(lm_cfg, progress))
