@@ -13,6 +13,7 @@ continues where it stopped (training stages resume from their newest checkpoint)
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -27,7 +28,6 @@ DEFAULTS = {"positive_suffix": "", "negative_prompt": "", "cfg_scale": 3.0, "ima
 
 def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = None, counts: dict | None = None,
                seed: int = 0, progress: bool = True, log=print) -> Path:
-    from ..checkpoint import load_model, save_model
     from ..tokenizer import TextTokenizer
     from ..train.config import make_config
     from ..train.trainer import train
@@ -74,20 +74,36 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
     lm_cfg = make_config("demo", overrides)
     stage("language model", lambda: (out / "lm" / f"ckpt-{lm_cfg.steps:08d}" / "COMMITTED").exists(),
           lambda: train(lm_cfg, progress))
-    from ..train.trainer import export
-
-    final = out / "emu3-demo"
-    export(out / "lm", out / "export-fp32")
-    model = load_model(out / "export-fp32").half()
-    vq16 = VisionTokenizer.from_pretrained(out / "vq" / "tokenizer")
-    vq16.model.half()
     recipe = {"seed": seed, "vq": json.loads((out / "vq" / "config.json").read_text()), "bpe_size": BPE_SIZE,
               "dataset_counts": counts, "mix": MIX, "lm": json.loads((out / "lm" / "config.json").read_text()),
               "stage_minutes": {k: round(v / 60, 1) for k, v in times.items()}, "torch": torch.__version__,
               "command": f"emu3 build-demo {out}" + (f" --vq-steps {vq_steps}" if vq_steps else "")
                          + (f" --lm-steps {lm_steps}" if lm_steps else "")}
-    save_model(model, final, tokenizer=text, vq=vq16.model, extra_files={
-        "vision_tokenizer": {"preprocessor_config.json": vq16.processor.to_dict()},
-        "emu3_defaults.json": DEFAULTS, "RECIPE.json": recipe})
+    final = package(out, out / "emu3-demo", recipe)
     log(f"wrote {final}")
     return final
+
+
+def package(out: str | os.PathLike, dest: str | os.PathLike, recipe: dict | None = None,
+            checkpoint: str | os.PathLike | None = None) -> Path:
+    """The model folder the package ships: a build's LM checkpoint (default: the newest) in 16-bit
+    floats with its text and vision tokenizers, DEFAULTS and, when given, the recipe."""
+    import tempfile
+
+    from ..checkpoint import load_model, save_model
+    from ..tokenizer import TextTokenizer
+    from ..train.trainer import export
+    from ..vision import VisionTokenizer
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        export(out / "lm", Path(tmp) / "fp32", checkpoint=checkpoint)
+        model = load_model(Path(tmp) / "fp32").half()
+    vq16 = VisionTokenizer.from_pretrained(out / "vq" / "tokenizer")
+    vq16.model.half()
+    extra = {"vision_tokenizer": {"preprocessor_config.json": vq16.processor.to_dict()},
+             "emu3_defaults.json": DEFAULTS}
+    if recipe is not None:
+        extra["RECIPE.json"] = recipe
+    save_model(model, dest, tokenizer=TextTokenizer.from_pretrained(out / "text"), vq=vq16.model, extra_files=extra)
+    return Path(dest)
