@@ -1,0 +1,76 @@
+"""FAST action tokens: the DCT, the error bound, compression, total decoding, files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from emu3.action import FASTTokenizer, dct_matrix
+from emu3.errors import InputError
+
+
+def smooth_chunks(n: int, t: int = 10, d: int = 3, seed: int = 0) -> np.ndarray:
+    """Trajectory-like chunks: a few low frequencies plus a little noise, inside [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    time = np.linspace(0, 1, t)[None, :, None]
+    x = sum(rng.uniform(-0.3, 0.3, (n, 1, d)) * np.cos(np.pi * f * time + rng.uniform(0, 6, (n, 1, d)))
+            for f in range(3))
+    return np.clip(x + rng.normal(0, 0.01, (n, t, d)), -1, 1)
+
+
+@pytest.fixture(scope="module")
+def fast():
+    return FASTTokenizer.fit(smooth_chunks(2000), scale=10, vocab_size=256)
+
+
+def test_dct_is_scipys_orthonormal_dct2():
+    fft = pytest.importorskip("scipy.fft")
+    x = np.random.default_rng(0).normal(size=(7, 3))
+    np.testing.assert_allclose(dct_matrix(7) @ x, fft.dct(x, type=2, norm="ortho", axis=0), atol=1e-12)
+    np.testing.assert_allclose(dct_matrix(7).T @ (dct_matrix(7) @ x), x, atol=1e-12)
+
+
+def test_round_trip_within_the_quantisation_bound_and_compresses(fast):
+    held_out = smooth_chunks(300, seed=1)
+    ids = fast.encode_batch(held_out)
+    diff = np.stack([fast.decode(i) - x for i, x in zip(ids, held_out)])
+    assert np.abs(diff).max() <= fast.max_error
+    # rounding noise is uniform in +-0.5/scale per coefficient and the DCT is orthonormal: RMS 0.029
+    assert np.sqrt((diff ** 2).mean()) < 0.5 / 10 / np.sqrt(3) * 1.1
+    assert all(0 <= t < 256 for seq in ids for t in seq)
+    assert np.mean([len(s) for s in ids]) < 0.5 * 10 * 3  # far fewer tokens than one per action value
+    assert fast.encode(held_out[0]) == ids[0]
+
+
+def test_decoding_is_total(fast):
+    chunk = smooth_chunks(1, seed=2)[0]
+    ids = fast.encode(chunk)
+    assert np.array_equal(fast.decode([]), np.zeros((10, 3)))
+    assert np.array_equal(fast.decode([-1, 10**9]), np.zeros((10, 3)))  # unknown ids are dropped
+    for cut in range(len(ids)):  # a model that stops early still yields a (T, D) chunk
+        out = fast.decode(ids[:cut])
+        assert out.shape == (10, 3) and np.isfinite(out).all()
+    np.testing.assert_allclose(fast.decode(ids + ids), fast.decode(ids))  # extra symbols are cut
+
+
+def test_bad_input_is_refused(fast):
+    with pytest.raises(InputError, match=r"must be \(10, 3\)"):
+        fast.encode(np.zeros((9, 3)))
+    with pytest.raises(InputError, match="NaN"):
+        fast.encode(np.full((10, 3), np.nan))
+    with pytest.raises(InputError, match="span .* but vocab_size is 16"):
+        FASTTokenizer.fit(smooth_chunks(50) * 5, scale=50, vocab_size=16)
+    with pytest.raises(InputError, match=r"\(N, T, D\)"):
+        FASTTokenizer.fit(np.zeros((10, 3)))
+
+
+def test_files_round_trip(fast, tmp_path):
+    fast.save_pretrained(tmp_path)
+    again = FASTTokenizer.from_pretrained(tmp_path)
+    chunks = smooth_chunks(20, seed=3)
+    assert again.encode_batch(chunks) == fast.encode_batch(chunks) and again.config == fast.config
+    (tmp_path / "bad.json").write_text('{"format": "something else"}')
+    with pytest.raises(InputError, match="expected 'emu3-fast-action-tokenizer'"):
+        FASTTokenizer.from_pretrained(tmp_path / "bad.json")
+    with pytest.raises(InputError, match="no FAST action tokenizer"):
+        FASTTokenizer.from_pretrained(tmp_path / "nowhere")
