@@ -93,16 +93,22 @@ def render(scene: Scene) -> np.ndarray:
             v = int(235 - 50 * y / s)
             d.line([0, y, s, y], fill=(v, v, min(255, v + 10)))
     for sh in scene.shapes:
-        cx, cy, r, c = sh.x * SUPERSAMPLE, sh.y * SUPERSAMPLE, sh.r * SUPERSAMPLE, COLORS[sh.color]
-        if sh.kind == "circle":
-            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=c)
-        elif sh.kind == "square":
-            a = r * 0.88  # similar area to the circle
-            d.rectangle([cx - a, cy - a, cx + a, cy + a], fill=c)
-        else:  # upward triangle
-            h = r * 1.15
-            d.polygon([(cx, cy - h), (cx - h * 0.95, cy + h * 0.8), (cx + h * 0.95, cy + h * 0.8)], fill=c)
+        draw_shape(d, sh)
     return np.asarray(img.resize((scene.size, scene.size), Image.BOX), dtype=np.uint8)  # area average
+
+
+def draw_shape(d: ImageDraw.ImageDraw, sh: Shape, offset: float = 0.0) -> None:
+    """One shape on a SUPERSAMPLE-times canvas (`offset`: canvas pixels added to both coordinates)."""
+    cx, cy = sh.x * SUPERSAMPLE + offset, sh.y * SUPERSAMPLE + offset
+    r, c = sh.r * SUPERSAMPLE, COLORS[sh.color]
+    if sh.kind == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=c)
+    elif sh.kind == "square":
+        a = r * 0.88  # similar area to the circle
+        d.rectangle([cx - a, cy - a, cx + a, cy + a], fill=c)
+    else:  # upward triangle
+        h = r * 1.15
+        d.polygon([(cx, cy - h), (cx - h * 0.95, cy + h * 0.8), (cx + h * 0.95, cy + h * 0.8)], fill=c)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,104 @@
+"""The table-top manipulation task: layout, physics, views, the expert and demonstrations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from emu3.world.scenes import Shape
+from emu3.world.table import GRIP_R, PUSH_DIST, SIZE, WRIST, TableEnv, Target, Task, expert, record, rollout
+
+
+def bare(shapes, targets=(), g=(32.0, 32.0)) -> TableEnv:
+    env = TableEnv(0)
+    env.shapes, env.targets = list(shapes), list(targets)
+    env.gx, env.gy, env.closed, env.holding = g[0], g[1], False, None
+    return env
+
+
+def test_tables_are_seeded_and_well_formed():
+    a, b = TableEnv(3), TableEnv(3)
+    assert a.instruction == b.instruction and all(np.array_equal(x, y) for x, y in zip(a.render(), b.render()))
+    kinds = set()
+    for seed in range(100):
+        env = TableEnv(seed)
+        kinds.add(env.task.kind)
+        assert len({(s.color, s.kind) for s in env.shapes}) == len(env.shapes)  # the instruction is unambiguous
+        for i, s in enumerate(env.shapes):
+            assert s.r + 1 <= s.x <= SIZE - 1 - s.r and s.r + 1 <= s.y <= SIZE - 1 - s.r
+            assert all(math.hypot(s.x - o.x, s.y - o.y) > s.r + o.r for o in env.shapes[i + 1:])
+        assert not env.success()
+    assert kinds == {"place", "push"}
+
+
+def test_grasp_carry_release_and_push():
+    env = bare([Shape("square", "red", 20, 20, 6), Shape("circle", "blue", 44, 44, 6)], [Target("green", 40, 20)],
+               g=(24, 24))
+    env.task = Task("place", 0, target=0, start=(20, 20))
+    env.step([0, 0, 1])  # within the half-size of the square's centre: grasped
+    assert env.holding == 0
+    for _ in range(6):
+        env.step([1, -0.5, 1])
+    s = env.shapes[0]
+    assert (s.x, s.y) == (env.gx, env.gy)  # carried
+    env.step([0, 0, -1])
+    assert env.holding is None and not env.closed
+    env.step([0, 0, 1])  # closing far from any centre grasps nothing
+    env.gx, env.gy = 44 - 6 - GRIP_R - 1, 44.0
+    env.holding = None
+    env.step([1, 0, 1])  # a fist moving into the circle pushes it along the contact normal
+    blue = env.shapes[1]
+    assert blue.x > 44 and abs(blue.y - 44) < 1e-9 and math.hypot(blue.x - env.gx, blue.y - env.gy) >= 6 + GRIP_R - 1e-9
+    env.step([0, 0, -1])
+    before = (blue.x, blue.y)
+    env.step([1, 0, -1])  # an open gripper hovers over shapes
+    assert (blue.x, blue.y) == before
+
+
+def test_success_conditions():
+    env = bare([Shape("circle", "red", 20, 30, 6)], [Target("blue", 40, 30)])
+    env.task = Task("push", 0, side="right", start=(20, 30))
+    env.shapes[0].x = 20 + PUSH_DIST - 0.5
+    assert not env.success()
+    env.shapes[0].x = 20 + PUSH_DIST
+    assert env.success()
+    env.task = Task("place", 0, target=0)
+    env.shapes[0].x, env.holding = 38.0, 0
+    assert not env.success()  # still held
+    env.holding = None
+    assert env.success()
+
+
+def test_views_follow_the_gripper():
+    env = TableEnv(5)
+    table, wrist = env.render()
+    assert table.shape == (SIZE, SIZE, 3) and wrist.shape == (WRIST, WRIST, 3)
+    env.gx, env.gy = 0.0, 0.0
+    _, corner = env.render()
+    assert (corner[:8, :8] == corner[0, 0]).all() and corner[0, 0].tolist() == [70, 70, 76]  # the floor
+
+
+def test_expert_solves_and_random_does_not():
+    eps = [record(seed, noise=0.2) for seed in range(60)]
+    assert all(e.success for e in eps)
+    e = eps[0]
+    assert e.table.shape == (len(e.actions) + 1, SIZE, SIZE, 3) and e.wrist.shape[1:] == (WRIST, WRIST, 3)
+    assert np.abs(e.actions).max() <= 1
+    rng = np.random.default_rng(0)
+    random = [rollout(TableEnv(1000 + s), lambda env: rng.uniform(-1, 1, 3)).success for s in range(60)]
+    assert np.mean(random) < 0.1
+    again = record(7, noise=0.2)
+    assert np.array_equal(again.actions, record(7, noise=0.2).actions)  # demonstrations are seeded
+
+
+def test_expert_is_closed_loop():
+    """Knocked off course mid-episode, it still finishes."""
+    env = TableEnv(11)
+    for t in range(80):
+        a = expert(env)
+        if t == 5:
+            a = np.array([-1.0, 1.0, -1.0])
+        if env.step(a):
+            break
+    assert env.success()
