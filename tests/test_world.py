@@ -91,26 +91,34 @@ def test_generation_scoring_on_ground_truth_images():
         assert not bench.score(p, render(wrong)), p
 
 
-def test_evaluators_and_report_run_end_to_end(tmp_path, small_tokenizer):
-    """On a tiny random model: every evaluator returns its figures, the report is one HTML file."""
+@pytest.fixture(scope="module")
+def world_model(tmp_path_factory):
+    """A tiny random model folder in the built-in model's format (64x64 world images)."""
     import torch
 
     from emu3.checkpoint import save_model
-    from emu3.demo import build_report
     from emu3.model import Emu3LM, model_config
-    from emu3.pipeline import Emu3
     from emu3.tokenizer import TextTokenizer
     from emu3.vision import VisionTokenizer
     from emu3.world.build import corpus
 
+    folder = tmp_path_factory.mktemp("world") / "m"
     text = TextTokenizer.train(corpus(0, 40), 300, 1024, min_frequency=1)
     vision = VisionTokenizer.from_preset("demo")
     model = Emu3LM(model_config("tiny", text.vocab, image_area=64 * 64))
     model.init_weights(torch.Generator().manual_seed(0))
-    save_model(model, tmp_path / "m", tokenizer=text, vq=vision.model, extra_files={
+    save_model(model, folder, tokenizer=text, vq=vision.model, extra_files={
         "vision_tokenizer": {"preprocessor_config.json": vision.processor.to_dict()},
         "emu3_defaults.json": {"positive_suffix": "", "negative_prompt": "", "image_top_k": 16}})
-    emu = Emu3.from_pretrained(tmp_path / "m")
+    return folder
+
+
+def test_evaluators_and_report_run_end_to_end(tmp_path, world_model):
+    """On a tiny random model: every evaluator returns its figures, the report is one HTML file."""
+    from emu3.demo import build_report
+    from emu3.pipeline import Emu3
+
+    emu = Emu3.from_pretrained(world_model)
     results = bench.evaluate(emu, generation=1, understanding=2, video=1, tokenizer=4)
     assert set(results) == {"tokenizer", "generation", "understanding", "video"}
     assert 0 <= results["generation"]["overall"] <= 1 and results["video"]["objects"] >= 12
@@ -119,6 +127,18 @@ def test_evaluators_and_report_run_end_to_end(tmp_path, small_tokenizer):
                                                                "tokenizer": 4})
     html = page.read_text()
     assert html.count("data:image/png;base64") >= 12 and "data:image/gif;base64" in html and "<table>" in html
+
+
+def test_eval_and_demo_commands(tmp_path, world_model, capsys):
+    from emu3.cli import main
+
+    assert main(["eval", "--model", str(world_model), "--generation", "1", "--understanding", "2", "--video", "1",
+                 "--tokenizer-images", "4", "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| generation | overall |" in out and "| understanding | accuracy |" in out
+    assert json.loads((tmp_path / "r.json").read_text())["video"]["tolerance_px"] == 4.0
+    assert main(["demo", "--model", str(world_model), "-o", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "index.html").read_text().startswith("<!doctype html>")
 
 
 def test_dataset_builder_writes_every_kind(tmp_path, small_tokenizer):
