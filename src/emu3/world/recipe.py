@@ -76,12 +76,24 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
           lambda: train(lm_cfg, progress))
     recipe = {"seed": seed, "vq": json.loads((out / "vq" / "config.json").read_text()), "bpe_size": BPE_SIZE,
               "dataset_counts": counts, "mix": MIX, "lm": json.loads((out / "lm" / "config.json").read_text()),
-              "stage_minutes": {k: round(v / 60, 1) for k, v in times.items()}, "torch": torch.__version__,
+              "stage_minutes": {k: round(v / 60, 1) for k, v in times.items()},
+              "step_minutes": {"vision tokenizer": _step_minutes(out / "vq"),
+                               "language model": _step_minutes(out / "lm")},
+              "torch": torch.__version__,
               "command": f"emu3 build-demo {out}" + (f" --vq-steps {vq_steps}" if vq_steps else "")
                          + (f" --lm-steps {lm_steps}" if lm_steps else "")}
     final = package(out, out / "emu3-demo", recipe)
     log(f"wrote {final}")
     return final
+
+
+def _step_minutes(run: Path) -> float:
+    """Minutes a training run spent in its steps, summed over every session that ran it (a stage
+    stopped by a kill never records its wall time, but its metrics log has every step's)."""
+    import csv
+
+    with open(run / "metrics.csv", newline="") as f:
+        return round(sum(float(r["seconds"]) for r in csv.DictReader(f)) / 60, 1)
 
 
 def package(out: str | os.PathLike, dest: str | os.PathLike, recipe: dict | None = None,
