@@ -173,10 +173,12 @@ def init_temporal_identity(model: VisionVQ, shift: float = 3.0) -> None:
     conv of each stack also adds `shift` (and quant_conv takes it off again), so that the swish after
     each of them works in its nearly linear range instead of squashing negative latents.
 
-    With PyTorch's default init these z_channels-wide causal convs shrink the latent about threefold
-    each (a frame sees one of the kernel's temporal slices, the rest is zero padding or past frames),
-    and the swishes flatten half of what is left: a small tokenizer then learns colour very slowly
-    (on uniformly coloured images, 100 steps: MSE 0.18 from the default init, 0.06 from this one)."""
+    With PyTorch's default init these z_channels-wide causal convs shrink the latent (a frame sees
+    one of the kernel's temporal slices, the rest is zero padding or past frames; the swishes
+    flatten the negative half): standard deviation x0.22 through the encoder's temporal layers and
+    x0.08-0.12 through the decoder's, x1.1 from this init. A small tokenizer then learns colour very
+    slowly (uniformly coloured images, 100 steps at lr 3e-4: MSE 0.18 from the default init, 0.06
+    from this one)."""
     convs = [model.quant_conv.conv, model.post_quant_conv.conv]
     for stack in (model.encoder.time_conv, model.decoder.time_conv):
         convs += [m.conv.conv for m in stack]
