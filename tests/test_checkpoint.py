@@ -155,3 +155,15 @@ def test_save_replaces_atomically_and_failure_keeps_old(folder, monkeypatch):
         save_vq(small_vq(6), folder)
     assert torch.equal(load_vq(folder).quantize.embedding.weight, other.quantize.embedding.weight)
     assert sorted(p.name for p in folder.parent.iterdir()) == ["vq"]  # no temporary folders left
+
+
+def test_saved_files_are_readable_like_any_other(folder):
+    """safetensors creates its files 0600; a shipped or shared model folder must follow the umask."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    save_vq(small_vq(3), folder)
+    for path in folder.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path.name
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~mask
