@@ -48,7 +48,7 @@ def emu3(*args):
 def test_cli_on_example_media(tmp_path, mode):
     emu3("vq", "init", "--preset", "demo", "-o", tmp_path / "tok")
     out = emu3("vq", "reconstruct", "--tokenizer", tmp_path / "tok", EXAMPLES / "cat.jpg", "-o", tmp_path / "cat.png")
-    assert "PSNR" in out and "at 152x104" in out  # 451x300 -> smart_resize to 64^2..128^2 pixels
+    assert "PSNR" in out and "at 72x48" in out  # 451x300 -> smart_resize to the world's 64^2 pixels
     out = emu3("vq", "encode", "--tokenizer", tmp_path / "tok", EXAMPLES / "cat-pan.mp4", "-o", tmp_path / "v.npy",
                "--mode", mode)
     codes = np.load(tmp_path / "v.npy")
