@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from emu3.action import FASTTokenizer, dct_matrix
+from emu3.action import ActionIds, FASTTokenizer, dct_matrix
 from emu3.errors import InputError
 
 
@@ -74,3 +74,15 @@ def test_files_round_trip(fast, tmp_path):
         FASTTokenizer.from_pretrained(tmp_path / "bad.json")
     with pytest.raises(InputError, match="no FAST action tokenizer"):
         FASTTokenizer.from_pretrained(tmp_path / "nowhere")
+
+
+def test_action_ids_take_the_last_text_ids():
+    released = ActionIds(151643)  # Emu3's BPE: actions become ids 150,619..151,642
+    assert released.lm_range == range(150619, 151643)
+    assert released.to_lm([0, 1023]).tolist() == [150619, 151642]
+    assert released.from_lm([5, 150619, 151642, 151643, 184000]).tolist() == [0, 1023]  # others dropped
+    with pytest.raises(InputError, match=r"must be in \[0, 1024\)"):
+        released.to_lm([1024])
+    with pytest.raises(InputError, match="do not fit in a text vocabulary of 768"):
+        ActionIds(768, 1024)
+    assert ActionIds(768, 256).lm_range == range(512, 768)

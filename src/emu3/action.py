@@ -56,6 +56,33 @@ class FASTConfig:
     max_token: int = 0  # the largest
 
 
+class ActionIds:
+    """Where action tokens live in a language model's vocabulary: as in Emu3's VLA model, FAST token
+    i is text id `text_size - count + i`, i.e. the last `count` BPE ids are given over to actions."""
+
+    def __init__(self, text_size: int, count: int = 1024):
+        if not 0 < count <= text_size - 256:
+            raise InputError(f"{count} action ids do not fit in a text vocabulary of {text_size} ids: the "
+                             "byte-level BPE needs its first 256; train the text tokenizer larger or FAST smaller")
+        self.start, self.count = text_size - count, count
+
+    def to_lm(self, tokens) -> np.ndarray:
+        tokens = np.asarray(tokens, np.int64)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.count):
+            raise InputError(f"action tokens must be in [0, {self.count}), got {tokens.min()}..{tokens.max()}")
+        return tokens + self.start
+
+    def from_lm(self, ids) -> np.ndarray:
+        """Language-model ids -> action tokens, keeping only ids in the action range."""
+        ids = np.asarray(ids, np.int64)
+        return ids[(ids >= self.start) & (ids < self.start + self.count)] - self.start
+
+    @property
+    def lm_range(self) -> range:
+        """The ids a constrained decoder may emit for actions."""
+        return range(self.start, self.start + self.count)
+
+
 class FASTTokenizer:
     def __init__(self, config: FASTConfig, bpe):
         self.config, self.bpe = config, bpe
