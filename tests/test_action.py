@@ -86,3 +86,34 @@ def test_action_ids_take_the_last_text_ids():
     with pytest.raises(InputError, match="do not fit in a text vocabulary of 768"):
         ActionIds(768, 1024)
     assert ActionIds(768, 256).lm_range == range(512, 768)
+
+
+def test_vla_sequences(small_tokenizer):
+    """Training layout, loss and types; the prompt is the training sequence's prefix; chunks end at
+    the next BOI or E; instructions may not use action ids."""
+    from emu3.format import Formatter, TokenType
+
+    f, v = Formatter(small_tokenizer), small_tokenizer.vocab
+    instruction = "push the red square to the left"
+    used = int(f.text(instruction).max())
+    acts = ActionIds(v.text_size, min(64, v.text_size - 1 - used))
+    rng = np.random.default_rng(0)
+    views = lambda: [rng.integers(0, 64, (2, 3)), rng.integers(0, 64, (1, 2))]  # noqa: E731  table, wrist
+    frames = [(views(), [3, 0, 7]), (views(), [1])]
+    s = f.vla(instruction, frames, acts)
+    ids = s.ids.tolist()
+    assert ids[0] == v.bos and ids[-1] == v.eos
+    in_actions = np.isin(s.ids, np.asarray(acts.lm_range))
+    assert acts.from_lm(s.ids).tolist() == [3, 0, 7, 1] and s.loss_mask[in_actions].all()
+    assert (s.types[in_actions] == TokenType.TEXT).all()
+    n_instr = 1 + len(f.text(instruction))
+    assert not s.loss_mask[:n_instr].any() and s.loss_mask[n_instr:].all()
+    assert (s.types == TokenType.VISUAL).sum() == 2 * (6 + 2)
+    after = [ids[i + 1] for i in np.flatnonzero(in_actions) if not in_actions[i + 1]]
+    assert after == [v.boi, v.eos]  # what ends a chunk
+    prompt = f.vla_prompt(instruction, frames[:1], frames[1][0], acts)
+    assert ids[:len(prompt)] == prompt.tolist() and ids[len(prompt)] == acts.to_lm([1])[0]
+    with pytest.raises(InputError, match="reserved for action tokens"):
+        f.vla(instruction, frames, ActionIds(v.text_size, v.text_size - used))
+    with pytest.raises(InputError, match="at least one token"):
+        f.vla(instruction, [(views(), [])], acts)

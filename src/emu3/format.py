@@ -339,6 +339,54 @@ class Formatter:
         s.add([self.vocab.eos], TokenType.TEXT, True)
         return s.sample()
 
+    # ---- vision-language-action ----
+
+    def _instruction(self, instruction: str, actions) -> np.ndarray:
+        ids = self.text(instruction)
+        if np.isin(ids, np.asarray(actions.lm_range)).any():
+            raise InputError(f"the instruction {instruction!r} tokenizes into ids {actions.lm_range.start}.. that "
+                             "are reserved for action tokens; rephrase it or give actions fewer ids")
+        return ids
+
+    def _frame(self, s: _Seq, views, loss: bool) -> None:
+        if not len(views):
+            raise InputError("a frame needs at least one view (e.g. the table and the wrist camera)")
+        for codes in views:
+            ids, types = self.image(codes)
+            s.add(ids, types, loss)
+
+    def vla(self, instruction: str, frames: list, actions) -> Sample:
+        """B instruction (view+ action-chunk)+ E, the Emu3 VLA layout: a window of frames, each the
+        images of its camera views followed by the FAST tokens of the action chunk taken there
+        (`actions`: an emu3.action.ActionIds, mapping them onto the last text ids). Loss on views and
+        actions (the loader weighs visual codes by vision_weight), none on the instruction. A chunk
+        ends where the next frame's BOI or the final E begins, so no extra marker is needed.
+        frames: [(views, tokens)]: views a list of (h, w) code arrays, tokens 1-D FAST tokens."""
+        if not frames:
+            raise InputError("a VLA sample needs at least one frame")
+        s = _Seq()
+        s.add([self.vocab.bos], TokenType.TEXT, False)
+        s.add(self._instruction(instruction, actions), TokenType.TEXT, False)
+        for views, tokens in frames:
+            self._frame(s, views, True)
+            if not len(tokens):
+                raise InputError("an action chunk needs at least one token")
+            s.add(actions.to_lm(tokens), TokenType.TEXT, True)
+        s.add([self.vocab.eos], TokenType.TEXT, True)
+        return s.sample()
+
+    def vla_prompt(self, instruction: str, history: list, views, actions) -> np.ndarray:
+        """The policy's prompt: B instruction, earlier (views, tokens) frames, then the current views;
+        the model continues with action ids (actions.lm_range) and ends the chunk with BOI or E."""
+        s = _Seq()
+        s.add([self.vocab.bos], TokenType.TEXT, False)
+        s.add(self._instruction(instruction, actions), TokenType.TEXT, False)
+        for past, tokens in history:
+            self._frame(s, past, False)
+            s.add(actions.to_lm(tokens), TokenType.TEXT, False)
+        self._frame(s, views, False)
+        return s.sample().ids
+
     # ---- prompts ----
 
     def generation_prompt(self, prompt: str, grid: tuple[int, int], suffix: str = "") -> np.ndarray:
