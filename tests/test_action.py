@@ -117,3 +117,21 @@ def test_vla_sequences(small_tokenizer):
         f.vla(instruction, frames, ActionIds(v.text_size, v.text_size - used))
     with pytest.raises(InputError, match="at least one token"):
         f.vla(instruction, [(views(), [])], acts)
+
+
+def test_text_tokenizer_can_reserve_the_action_ids(tmp_path):
+    """Our own VLA models keep the last text ids for actions only: no text encodes to them."""
+    from emu3.tokenizer import TextTokenizer
+
+    corpus = ["push the red square to the left", "put the circle on the blue target", "naïve café ∑ 🤖"] * 20
+    tok = TextTokenizer.train(corpus, 300, 64, min_frequency=1, reserved=1024)
+    acts = ActionIds(tok.vocab.text_size, 1024)
+    plain = TextTokenizer.train(corpus, 300, 64, min_frequency=1)
+    assert tok.vocab.text_size == plain.vocab.text_size + 1024 and acts.start == plain.vocab.text_size
+    texts = corpus + ["\xff\ufffd odd bytes \U0010ffff", "".join(chr(c) for c in range(32, 3000))]
+    for t in texts:
+        ids = tok.encode(t, allow_special=False)
+        assert ids == plain.encode(t, allow_special=False) and max(ids) < acts.start
+    tok.save_pretrained(tmp_path)
+    again = TextTokenizer.from_pretrained(tmp_path)
+    assert again.vocab.text_size == tok.vocab.text_size and again.encode(texts[-1]) == tok.encode(texts[-1])

@@ -219,6 +219,20 @@ def _hf_tokenizer(model) -> Tokenizer:
 # The tokenizer
 
 
+MAX_RESERVED = 8 * 257
+
+
+def _reserved_tokens(n: int) -> list[bytes]:
+    """Byte strings no UTF-8 text contains (bytes 0xF8-0xFF never occur in it) that are still
+    ordinary BPE tokens, each the merge of two earlier ones: a prefix 0xFF (0xFF - k), then the
+    prefix followed by each byte; so they also survive tokenizer.json (which stores merges)."""
+    out: list[bytes] = []
+    for k in range(8):
+        prefix = bytes([0xFF, 0xFF - k])
+        out += [prefix] + [prefix + bytes([j]) for j in range(256)]
+    return out[:n]
+
+
 class TextTokenizer:
     """Emu3's text tokenizer over a `Vocabulary`: encode(text) -> ids, decode(ids) -> text."""
 
@@ -336,15 +350,24 @@ class TextTokenizer:
         return parts[0], parts[1]
 
     @classmethod
-    def train(cls, texts, vocab_size: int, codebook_size: int, min_frequency: int = 2) -> TextTokenizer:
-        """Train a byte-level BPE (Qwen pre-tokenization, NFC) on an iterable of strings."""
+    def train(cls, texts, vocab_size: int, codebook_size: int, min_frequency: int = 2,
+              reserved: int = 0) -> TextTokenizer:
+        """Train a byte-level BPE (Qwen pre-tokenization, NFC) on an iterable of strings.
+
+        `reserved` more ids follow the BPE's at the top of the text range and no text ever encodes
+        to them: room for action tokens (emu3.action.ActionIds), which Emu3's VLA model puts on the
+        last text ids. See _reserved_tokens."""
         if vocab_size < 256:
             raise InputError(f"vocab_size must be >= 256 (the byte alphabet), got {vocab_size}")
+        if not 0 <= reserved <= MAX_RESERVED:
+            raise InputError(f"reserved must be in [0, {MAX_RESERVED}], got {reserved}")
         tok = _hf_tokenizer(models.BPE())
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tok.train_from_iterator(texts, trainer)
         ranks = {token_string_to_bytes(s): i for s, i in tok.get_vocab().items()}
+        n = len(ranks)
+        ranks.update({b: n + i for i, b in enumerate(_reserved_tokens(reserved))})
         return cls(ranks, codebook_size)
 
     # ---- encode / decode ----
