@@ -102,3 +102,35 @@ def test_expert_is_closed_loop():
         if env.step(a):
             break
     assert env.success()
+
+
+def test_demonstrations_become_vla_training_rows(tmp_path):
+    from emu3.action import ActionIds, FASTTokenizer
+    from emu3.data.loader import Loader
+    from emu3.data.shards import TokenDataset
+    from emu3.format import Formatter
+    from emu3.tokenizer import TextTokenizer
+    from emu3.vision import VisionTokenizer
+    from emu3.world.build import build_vla, vla_windows
+
+    eps = [record(s) for s in range(20)]
+    chunks = np.stack([c for e in eps for frames in vla_windows(e, 5, 2) for _, c in frames])  # (N, 5, 3)
+    fast = FASTTokenizer.fit(chunks, scale=10, vocab_size=128)
+    text = TextTokenizer.train([e.instruction for e in eps] * 3, 300, 1024, min_frequency=1, reserved=128)
+    acts = ActionIds(text.vocab.text_size, 128)
+    n = build_vla(tmp_path / "vla", VisionTokenizer.from_preset("demo"), text, fast, acts, episodes=2,
+                  progress=False)
+    ds = TokenDataset(tmp_path / "vla")
+    assert len(ds) == n == len(eps[0].actions) + len(eps[1].actions)  # a window per step
+    r = ds[0]
+    assert r.fields["v0_0"].shape == (8, 8) and r.fields["v0_1"].shape == (4, 4)  # table 64x64, wrist 32x32
+    assert text.decode(r.fields["instruction"].tolist()) == eps[0].instruction
+    assert np.abs(fast.decode(r.fields["a0"]) - eps[0].actions[:5]).max() <= fast.max_error
+    assert np.abs(fast.decode(r.fields["a1"]) - eps[0].actions[5:10]).max() <= fast.max_error
+    loader = Loader([(str(tmp_path / "vla"), 1.0)], Formatter(text), seq_len=512, batch_size=2)
+    doc = loader.document(r)
+    assert acts.from_lm(doc.ids).tolist() == r.fields["a0"].tolist() + r.fields["a1"].tolist()
+    batch = loader.next_batch()
+    assert batch.input_ids.shape == (2, 512)
+    action = (batch.targets >= acts.start) & (batch.targets < acts.start + acts.count)
+    assert action.any() and (batch.weights[action] == 1.0).all()  # actions weigh 1; visual codes vision_weight

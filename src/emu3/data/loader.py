@@ -124,6 +124,12 @@ class Loader:
             return f.text_sample(record.fields["text"])
         if k == "interleaved":
             return f.interleaved([record.fields[f"s{i}"] for i in range(len(record.meta["segments"]))])
+        if k == "vla":
+            from ..action import ActionIds
+
+            m, x = record.meta, record.fields
+            frames = [([x[f"v{j}_{i}"] for i in range(m["views"])], x[f"a{j}"]) for j in range(m["frames"])]
+            return f.vla(x["instruction"], frames, ActionIds(self.vocab.text_size, m["action_count"]))
         return None  # preference records train with DPO, not here
 
     def _next_document(self) -> Sample:

@@ -18,6 +18,8 @@ Record kinds and their fields (all int arrays; text fields are token ids):
     text         text
     interleaved  s0, s1, ... (text ids or (h, w) codes)          meta: segments ["text", "image", ...]
     preference   prompt, chosen, rejected                        (DPO: the exact generated ids)
+    vla          instruction, v{frame}_{view} codes (h, w), a{frame} FAST action tokens
+                                                                 meta: frames, views, action_count
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from ..fsutil import atomic_file
 
 FORMAT = "emu3-tokens"
 VERSION = 1
-KINDS = ("image", "video", "qa", "text", "interleaved", "preference")
+KINDS = ("image", "video", "qa", "text", "interleaved", "preference", "vla")
 
 
 @dataclass

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.shards import FORMAT, VERSION, Record, write_index, write_shard
+from ..errors import InputError
 from .motion import describe, sample_clip
 from .scenes import COLORS, Shape, _fits, article, caption, questions, relation, render, sample_scene
 
@@ -125,3 +126,62 @@ def build(out: str | os.PathLike, vision, text, counts: dict[str, int], seed: in
     if bar is not None:
         bar.close()
     return done
+
+
+# --------------------------------------------------------------------------------------------
+# Demonstrations of the table-top task (vision-language-action)
+
+
+def action_chunk(actions: np.ndarray, t: int, chunk: int) -> np.ndarray:
+    """actions[t:t+chunk], (chunk, 3); past the episode's end the gripper holds still (keeping its grip)."""
+    hold = np.array([0.0, 0.0, actions[-1, 2] if len(actions) else -1.0], np.float32)
+    part = actions[t:t + chunk]
+    return np.concatenate([part, np.repeat(hold[None], chunk - len(part), 0)]) if len(part) < chunk else part
+
+
+def vla_windows(episode, chunk: int, window: int):
+    """Every (views, action chunk) window of an episode, one per start step: frame j of a window is the
+    observation at step t + j*chunk (the last one once the episode has ended) and the chunk taken there."""
+    last = len(episode.table) - 1
+    for t in range(len(episode.actions)):
+        frames = []
+        for j in range(window):
+            s = t + j * chunk
+            frames.append((min(s, last), action_chunk(episode.actions, s, chunk)))
+        yield frames
+
+
+def build_vla(out: str | os.PathLike, vision, text, fast, actions, episodes: int, seed: int = 0, chunk: int = 5,
+              window: int = 2, noise: float = 0.1, progress: bool = True) -> int:
+    """Expert demonstrations as `vla` records (instruction, table and wrist codes, FAST tokens);
+    episode i is emu3.world.table.record(seed * 1_000_003 + i). Returns the record count."""
+    from .table import record
+
+    out = Path(out)
+    vocab = {"text_size": text.vocab.text_size, "codebook_size": text.vocab.codebook_size}
+    if actions.start + actions.count != text.vocab.text_size or fast.config.vocab_size > actions.count:
+        raise InputError(f"the {fast.config.vocab_size} FAST tokens must fit the last {actions.count} ids of the "
+                         f"text vocabulary ({text.vocab.text_size} ids)")
+    records: list[Record] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=episodes, unit="episode", desc="demonstrations", dynamic_ncols=True)
+    for i in range(episodes):
+        ep = record(seed * 1_000_003 + i, noise)
+        codes = [c.numpy() for c in vision.encode_images(list(ep.table) + list(ep.wrist))]
+        n = len(ep.table)
+        instruction = np.asarray(text.encode(ep.instruction, allow_special=False), np.int64)
+        for frames in vla_windows(ep, chunk, window):
+            fields = {"instruction": instruction}
+            for j, (s, act) in enumerate(frames):
+                fields[f"v{j}_0"], fields[f"v{j}_1"] = codes[s], codes[n + s]
+                fields[f"a{j}"] = np.asarray(fast.encode(act), np.int64)
+            records.append(Record("vla", fields, {"frames": window, "views": 2, "action_count": actions.count}))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    _write(out, records, vocab)
+    return len(records)
