@@ -191,3 +191,32 @@ def test_free_text_stops_at_eos_or_budget(lm, fmt):
     (res,) = Engine(lm).generate([req])
     assert len(res.tokens) <= 5 and (res.finished == (res.tokens[-1] == fmt.vocab.eos))
     assert all(t < fmt.vocab.text_size for t in res.tokens[:-1])
+
+
+def test_allowed_ids_and_stop_ids_per_request(lm, fmt):
+    """A VLA policy decodes only action ids and ends its chunk at BOI or EOS; other rows of the batch
+    keep the usual free text. Fast and slow engines agree."""
+    from emu3.action import ActionIds
+
+    v = fmt.vocab
+    acts = ActionIds(v.text_size, 64)
+    allowed = np.concatenate([np.asarray(acts.lm_range), [v.boi, v.eos]])
+    prompt = fmt.vla_prompt("go", [], [np.zeros((2, 2), int)], acts) if max(fmt.text("go")) < acts.start \
+        else np.array([v.bos])
+    requests = [Request(prompt, max_new_tokens=12, allowed=allowed, stop=(v.boi, v.eos), seed=s,
+                        text=Sampling(1.0, 0, 1.0)) for s in range(6)]
+    requests.append(Request(np.array([v.bos]), max_new_tokens=6, seed=9, text=Sampling(1.0, 0, 1.0)))
+    requests.append(Request(prompt, max_new_tokens=6, allowed=np.array([v.boi]), stop=(v.boi, v.eos)))
+    fast = Engine(lm).generate(requests)
+    slow = Engine(lm, fast=False).generate(requests)
+    for a, b in zip(fast, slow):
+        assert np.array_equal(a.tokens, b.tokens)
+    for res in fast[:6]:
+        assert np.isin(res.tokens, allowed).all()
+        stops = np.flatnonzero(np.isin(res.tokens, [v.boi, v.eos]))
+        assert res.finished == bool(len(stops)) and (not len(stops) or stops[0] == len(res.tokens) - 1)
+    assert any(len(res.tokens) > 1 for res in fast[:6])
+    assert all(t < v.text_size or t == v.eos for t in fast[6].tokens)  # the usual free text
+    assert fast[7].tokens.tolist() == [v.boi] and fast[7].finished  # a stop id ends the row at once
+    with pytest.raises(InputError, match="allowed must be a non-empty list of ids"):
+        Engine(lm).generate([Request(prompt, allowed=np.array([], int))])

@@ -70,6 +70,8 @@ class Request:
     visual: Sampling = field(default_factory=Sampling)
     text: Sampling = field(default_factory=lambda: GREEDY)
     seed: int = 0
+    allowed: np.ndarray | None = None  # ids free-text steps may emit (default: the BPE ids and EOS)
+    stop: tuple[int, ...] | None = None  # ids that end the row, kept in the result (default: EOS)
 
     def steps(self) -> int:
         return len(self.template) if self.template is not None else self.max_new_tokens
@@ -185,6 +187,12 @@ class Engine:
                 raise InputError(f"request {i}: cfg_scale must be a finite number >= 0, got {r.cfg_scale}")
             if r.cfg_scale != 1 and r.negative is None:
                 raise InputError(f"request {i}: cfg_scale {r.cfg_scale} needs a negative (unconditional) prompt")
+            for name, ids in (("allowed", r.allowed), ("stop", r.stop)):
+                if ids is not None:
+                    ids = np.asarray(ids)
+                    if ids.ndim != 1 or len(ids) == 0 or ids.min() < 0 or ids.max() >= self.vocab.size:
+                        raise InputError(f"request {i}: {name} must be a non-empty list of ids in "
+                                         f"[0, {self.vocab.size})")
             if r.template is None and r.max_new_tokens < 1:
                 raise InputError(f"request {i}: max_new_tokens must be >= 1, got {r.max_new_tokens}")
             longest = max(len(r.prompt), len(r.negative) if r.negative is not None and r.cfg_scale != 1 else 0)
@@ -212,7 +220,7 @@ class Engine:
                 token = torch.where(forced, want, token)
             token = torch.where(run.done, torch.full_like(token, v.pad), token)
             run.out[:, step] = token
-            run.done = run.done | (token == v.eos) | (step + 1 >= run.lengths)
+            run.done = run.done | (token[:, None] == run.stops).any(1) | (step + 1 >= run.lengths)
             if bool(run.done.all()):
                 break
             run.advance(token, step)
@@ -221,7 +229,7 @@ class Engine:
         results = []
         for i, r in enumerate(requests):
             toks = run.out[i, : min(step + 1, r.steps())].cpu().numpy()
-            end = np.flatnonzero(toks == v.eos)
+            end = np.flatnonzero(np.isin(toks, r.stop if r.stop is not None else [v.eos]))
             results.append(Result(toks[: end[0] + 1] if len(end) else toks, bool(len(end))))
         return results
 
@@ -263,6 +271,16 @@ class _Run:
         self.u_idx = torch.arange(n, rows, device=dev)
         self.scale = torch.tensor([requests[i].cfg_scale for i in guided], device=dev)[:, None]
         self.seeds = torch.tensor([r.seed for r in requests], dtype=torch.long, device=dev)
+        self.text_ok = e.text_ok[None]  # (1 or n, V): what free-text steps may emit
+        if any(r.allowed is not None for r in requests):
+            self.text_ok = e.text_ok[None].repeat(n, 1)
+            for i, r in enumerate(requests):
+                if r.allowed is not None:
+                    self.text_ok[i] = False
+                    self.text_ok[i, torch.as_tensor(np.asarray(r.allowed), device=dev)] = True
+        stops = [list(r.stop) if r.stop is not None else [v.eos] for r in requests]
+        width = max(len(x) for x in stops)
+        self.stops = torch.tensor([x + [-1] * (width - len(x)) for x in stops], device=dev)  # (n, S), -1 = none
         self.samp = {kind: [torch.tensor([getattr(getattr(r, kind), a) for r in requests], device=dev)
                             for a in ("temperature", "top_k", "top_p")] for kind in ("visual", "text")}
         self.cache = KVCache(e.model.config, rows, p_len + steps, dev, e.dtype)
@@ -287,7 +305,7 @@ class _Run:
             mixed = self.scale * (logp[self.g_idx] - logp[self.u_idx]) + logp[self.u_idx]
             scores = scores.index_copy(0, self.g_idx, mixed)
         if not only_visual:
-            allowed = torch.where(visual_step[:, None], e.visual_ok[None], e.text_ok[None])  # (n, V)
+            allowed = torch.where(visual_step[:, None], e.visual_ok[None], self.text_ok)  # (n, V)
             scores = scores.masked_fill(~allowed, -math.inf)
         return scores, token_ids
 
