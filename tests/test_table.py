@@ -134,3 +134,34 @@ def test_demonstrations_become_vla_training_rows(tmp_path):
     assert batch.input_ids.shape == (2, 512)
     action = (batch.targets >= acts.start) & (batch.targets < acts.start + acts.count)
     assert action.any() and (batch.weights[action] == 1.0).all()  # actions weigh 1; visual codes vision_weight
+
+
+def test_policy_closed_loop_on_a_tiny_model(tmp_path):
+    """The policy machinery end to end on a random model: constrained action decoding, FAST decoding,
+    the sliding window, and the evaluation's figures (success itself needs trained weights)."""
+    import torch
+
+    from emu3.action import FASTTokenizer
+    from emu3.checkpoint import save_model
+    from emu3.model import Emu3LM, model_config
+    from emu3.pipeline import Emu3
+    from emu3.tokenizer import TextTokenizer
+    from emu3.vision import VisionTokenizer
+    from emu3.vla import Policy, evaluate
+    from emu3.world.build import vla_windows
+
+    eps = [record(s) for s in range(10)]
+    fast = FASTTokenizer.fit(np.stack([c for e in eps for fr in vla_windows(e, 5, 2) for _, c in fr]), vocab_size=64)
+    text = TextTokenizer.train([e.instruction for e in eps] * 3, 300, 1024, min_frequency=1, reserved=64)
+    vision = VisionTokenizer.from_preset("demo")
+    model = Emu3LM(model_config("tiny", text.vocab))
+    model.init_weights(torch.Generator().manual_seed(0))
+    save_model(model, tmp_path / "m", tokenizer=text, vq=vision.model,
+               extra_files={"vision_tokenizer": {"preprocessor_config.json": vision.processor.to_dict()}})
+    policy = Policy(Emu3.from_pretrained(tmp_path / "m"), fast)
+    chunk = policy.chunk(TableEnv(100_000))
+    assert chunk.shape == (5, 3) and np.abs(chunk).max() <= 1 and len(policy.history) == 1
+    r = evaluate(policy, episodes=2, horizon=60)
+    assert r["expert"] == 1.0 and r["random"] == 0.0 and 0 <= r["policy"] <= 1
+    assert r["queries"] >= 3 and r["actions_per_s"] > 0
+    assert abs(r["share_model"] + r["share_vision"] + r["share_fast"] + r["share_rest"] - 1) < 1e-6
