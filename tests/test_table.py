@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -158,6 +159,7 @@ def test_policy_closed_loop_on_a_tiny_model(tmp_path):
     model.init_weights(torch.Generator().manual_seed(0))
     save_model(model, tmp_path / "m", tokenizer=text, vq=vision.model,
                extra_files={"vision_tokenizer": {"preprocessor_config.json": vision.processor.to_dict()}})
+    fast.save_pretrained(tmp_path / "m")
     policy = Policy(Emu3.from_pretrained(tmp_path / "m"), fast)
     chunk = policy.chunk(TableEnv(100_000))
     assert chunk.shape == (5, 3) and np.abs(chunk).max() <= 1 and len(policy.history) == 1
@@ -165,3 +167,8 @@ def test_policy_closed_loop_on_a_tiny_model(tmp_path):
     assert r["expert"] == 1.0 and r["random"] == 0.0 and 0 <= r["policy"] <= 1
     assert r["queries"] >= 3 and r["actions_per_s"] > 0
     assert abs(r["share_model"] + r["share_vision"] + r["share_fast"] + r["share_rest"] - 1) < 1e-6
+    from emu3.cli import main
+
+    assert main(["eval-vla", "--model", str(tmp_path / "m"), "--episodes", "1", "--horizon", "10",
+                 "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["episodes"] == 1

@@ -348,6 +348,25 @@ def cmd_eval(args) -> None:
     print(bench.table(results))
 
 
+def cmd_eval_vla(args) -> None:
+    from .action import FASTTokenizer
+    from .vla import Policy, evaluate
+
+    if not args.model:
+        raise InputError("eval-vla needs --model DIR: a VLA model folder with fast_tokenizer.json")
+    emu = _pipeline(args)
+    policy = Policy(emu, FASTTokenizer.from_pretrained(args.model), temperature=args.temperature or 0.0,
+                    seed=args.seed)
+    r = evaluate(policy, args.episodes, horizon=args.horizon)
+    if args.json:
+        with atomic_file(Path(args.json)) as tmp:
+            tmp.write_text(json.dumps(r, indent=2))
+    print(f"| policy | expert | random | episodes |\n|---|---|---|---|\n"
+          f"| {r['policy']:.3f} | {r['expert']:.3f} | {r['random']:.3f} | {r['episodes']} |")
+    print(f"{r['actions_per_s']:.1f} actions/s; time: model {r['share_model']:.0%}, vision tokenizer "
+          f"{r['share_vision']:.0%}, FAST {r['share_fast']:.0%}, simulator and the rest {r['share_rest']:.0%}")
+
+
 def cmd_demo(args) -> None:
     from .demo import build_report
 
@@ -511,6 +530,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     lm_opts(p)
     p.set_defaults(func=cmd_eval, seed=10_000)
+
+    p = sub.add_parser("eval-vla", help="closed-loop success of a VLA model on the table-top task")
+    p.add_argument("--episodes", type=int, default=100, metavar="N", help="held-out tables (seeds 100,000+)")
+    p.add_argument("--horizon", type=int, default=80, help="steps per episode")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    lm_opts(p)
+    p.set_defaults(func=cmd_eval_vla)
 
     p = sub.add_parser("demo", help="write a self-contained HTML report of what a model does")
     p.add_argument("-o", "--output", required=True, metavar="DIR")

@@ -84,6 +84,7 @@ def evaluate(policy: Policy | None, episodes: int, seed: int = 100_000, horizon:
            "random": float(np.mean([rollout(TableEnv(seed + i), lambda env: rng.uniform(-1, 1, 3), horizon).success
                                     for i in range(episodes)]))}
     if policy is not None:
+        policy.stats = PolicyStats()  # the time split covers these episodes only
         t0 = time.perf_counter()
         wins, steps = [], 0
         for i in range(episodes):
