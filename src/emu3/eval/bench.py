@@ -124,16 +124,21 @@ def eval_video(emu, n: int = 24, seed: int = 30_000, tolerance: float = 4.0) -> 
 
 
 @torch.no_grad()
-def eval_tokenizer(vision, n: int = 128, seed: int = 40_000) -> dict:
+def eval_tokenizer(vision, n: int = 128, seed: int = 40_000, clips: int | None = None) -> dict:
+    """Held-out reconstructions: PSNR/SSIM of n images and `clips` videos (default n // 8), codebook
+    usage, and how often the detector finds the same objects in an image and its reconstruction."""
     rng = np.random.default_rng(seed)
     images = np.stack([render(sample_scene(rng)) for _ in range(n)])
     codes = torch.stack(vision.encode_images(list(images)))
     recon = vision.decode_image(codes)
-    clips = [sample_clip(rng).render() for _ in range(max(1, n // 8))]
+    clips = [sample_clip(rng).render() for _ in range(clips or max(1, n // 8))]
     vcodes = [vision.encode_video(c, "causal") for c in clips]
     vrec = [vision.decode_video(c, "causal") for c in vcodes]
     used = torch.unique(torch.cat([codes.flatten()] + [c.flatten() for c in vcodes]))
+    objects = lambda img: sorted((d.color, d.kind) for d in detect(img))  # noqa: E731
+    same = [objects(a) == objects(b) for a, b in zip(images, recon)]
     return {"image_psnr": psnr(images, recon), "image_ssim": ssim(images, recon),
+            "detector_agreement": float(np.mean(same)),
             "video_psnr": psnr(np.concatenate(clips), np.concatenate(vrec)),
             "video_ssim": ssim(np.concatenate(clips), np.concatenate(vrec)),
             "codebook_usage": len(used) / vision.model.config.codebook_size, "images": n, "clips": len(clips)}

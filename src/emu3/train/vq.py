@@ -39,7 +39,6 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..media import to_pixels
-from ..metrics import psnr
 from ..vision import PRESET_PROCESSORS, VisionTokenizer
 from ..vq import VisionVQ, vq_config
 from . import state
@@ -194,30 +193,11 @@ def init_temporal_identity(model: VisionVQ, shift: float = 3.0) -> None:
         model.quant_conv.conv.bias.fill_(-shift)
 
 
-@torch.no_grad()
 def evaluate(tok: VisionTokenizer, n: int, seed: int = 10_000) -> dict:
-    """PSNR / SSIM of image and video reconstructions on held-out seeds, and codebook usage."""
-    from ..metrics import ssim
-    from ..world.motion import sample_clip
-    from ..world.scenes import render, sample_scene
+    """The tokenizer benchmark of `emu3 eval` on n held-out images and n // 16 clips."""
+    from ..eval.bench import eval_tokenizer
 
-    rng = np.random.default_rng(seed)
-    images = np.stack([render(sample_scene(rng)) for _ in range(n)])
-    codes = torch.stack(tok.encode_images(list(images)))
-    recon = tok.decode_image(codes)
-    clips = [sample_clip(rng).render() for _ in range(max(1, n // 16))]
-    vcodes = [tok.encode_video(c, "causal") for c in clips]
-    vrec = np.stack([tok.decode_video(c, "causal") for c in vcodes])
-    used = torch.unique(torch.cat([codes.flatten()] + [c.flatten() for c in vcodes]))
-    from ..eval.detect import detect
-
-    same = [sorted((d.color, d.kind) for d in detect(a)) == sorted((d.color, d.kind) for d in detect(b))
-            for a, b in zip(images, recon)]
-    return {"image_psnr": psnr(images, recon), "image_ssim": ssim(images, recon),
-            "detector_agreement": float(np.mean(same)),
-            "video_psnr": psnr(np.concatenate(clips), np.concatenate(vrec)),
-            "video_ssim": ssim(np.concatenate(clips), np.concatenate(vrec)),
-            "codebook_usage": len(used) / tok.model.config.codebook_size}
+    return eval_tokenizer(tok, n, seed, clips=max(1, n // 16))
 
 
 def overrides_of(cfg: VQTrainConfig) -> dict:
