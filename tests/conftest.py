@@ -10,6 +10,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from emu3.format import Formatter
+from emu3.generate import Request, image_template
+from emu3.model import Emu3LM, model_config
 from emu3.vq import VisionVQ, VQConfig
 
 
@@ -178,3 +181,23 @@ def token_dataset(dataset_inputs, tmp_path_factory):
                      Settings(str(dataset_inputs / "tok"), str(dataset_inputs / "vq")), workers=1, shard_size=8,
                      progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def lm(small_tokenizer):
+    torch.manual_seed(0)
+    model = Emu3LM(model_config("tiny", small_tokenizer.vocab, attention_dropout=0.0))
+    model.init_weights(torch.Generator().manual_seed(0))
+    with torch.no_grad():  # a peakier head, so that greedy choices are not near-ties
+        model.lm_head.weight.mul_(40)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def fmt(small_tokenizer):
+    return Formatter(small_tokenizer)
+
+
+def image_request(fmt, prompt, grid, **kw):
+    return Request(fmt.generation_prompt(prompt, grid), image_template(fmt.vocab, *grid),
+                   negative=fmt.negative_prompt(grid), **kw)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from emu3.errors import InputError
-from emu3.format import Formatter, Image, Video
+from emu3.format import Image, Video
 from emu3.generate import (
     GREEDY,
     VISUAL,
@@ -21,28 +21,8 @@ from emu3.generate import (
     sample,
     video_template,
 )
-from emu3.model import Emu3LM, model_config
 from emu3.reference import llama, official_prefix_fn
-
-
-@pytest.fixture(scope="module")
-def lm(small_tokenizer):
-    torch.manual_seed(0)
-    model = Emu3LM(model_config("tiny", small_tokenizer.vocab, attention_dropout=0.0))
-    model.init_weights(torch.Generator().manual_seed(0))
-    with torch.no_grad():  # a peakier head, so that greedy choices are not near-ties
-        model.lm_head.weight.mul_(40)
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def fmt(small_tokenizer):
-    return Formatter(small_tokenizer)
-
-
-def image_request(fmt, prompt, grid, **kw):
-    return Request(fmt.generation_prompt(prompt, grid), image_template(fmt.vocab, *grid),
-                   negative=fmt.negative_prompt(grid), **kw)
+from tests.conftest import image_request
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])

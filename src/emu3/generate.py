@@ -113,15 +113,17 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
-def gumbel_noise(seeds: torch.Tensor, step: int, token_ids: torch.Tensor) -> torch.Tensor:
-    """Gumbel(0, 1) noise for every (row, token id), a pure function of (seed, step, token id)."""
-    row = _hash32(_hash32(seeds & _M32) ^ _hash32(torch.full_like(seeds, step & _M32)))  # (R,)
+def gumbel_noise(seeds: torch.Tensor, step: int | torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise for every (row, token id), a pure function of (seed, step, token id); `step` is
+    one number or one per row (continuous batching: each request counts its own steps)."""
+    steps = step.to(seeds) if isinstance(step, torch.Tensor) else torch.full_like(seeds, step)
+    row = _hash32(_hash32(seeds & _M32) ^ _hash32(steps & _M32))  # (R,)
     key = _hash32(row[:, None] ^ _hash32(token_ids.to(seeds.device) & _M32)[None, :])  # (R, V)
     u = (key.double() + 0.5) / 4294967296.0  # in (0, 1)
     return (-torch.log(-torch.log(u))).float()
 
 
-def sample(scores: torch.Tensor, token_ids: torch.Tensor, seeds: torch.Tensor, step: int,
+def sample(scores: torch.Tensor, token_ids: torch.Tensor, seeds: torch.Tensor, step: int | torch.Tensor,
            temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """One token per row from (R, V) scores (log-probabilities up to a row constant; -inf = banned).
     Order as in transformers: temperature, top-k, top-p; then Gumbel-max (argmax when temperature 0)."""
@@ -240,6 +242,32 @@ class Engine:
         return _Run(self, requests).scores(0)
 
 
+def guided_scores(e: Engine, hidden: torch.Tensor, want: torch.Tensor, done: torch.Tensor, g_idx: torch.Tensor,
+                  u_idx: torch.Tensor, scale: torch.Tensor, text_ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Constrained, guided scores (n, V') and their token ids (V',) for n requests.
+
+    hidden (rows, H): the n requests' rows first, then one unconditional row per guided request;
+    want (n,): template value of each request's step; g_idx: the guided requests, u_idx: their
+    unconditional rows, scale (len(g_idx), 1); text_ok (1 or n, V): what free-text steps may emit."""
+    v = e.vocab
+    visual_step = want == VISUAL
+    only_visual = e.fast and bool((visual_step | done | (want >= 0)).all())
+    if only_visual:  # the visual rows of the head only
+        logits, token_ids = e.model.logits(hidden, slice(v.visual_offset, v.size)), e.visual_ids
+    else:
+        logits, token_ids = e.model.logits(hidden), e.all_ids
+    n = len(want)
+    scores = logits[:n]
+    if len(g_idx):
+        logp = torch.log_softmax(logits, dim=-1)
+        mixed = scale * (logp[g_idx] - logp[u_idx]) + logp[u_idx]
+        scores = scores.index_copy(0, g_idx, mixed)
+    if not only_visual:
+        allowed = torch.where(visual_step[:, None], e.visual_ok[None], text_ok)  # (n, V)
+        scores = scores.masked_fill(~allowed, -math.inf)
+    return scores, token_ids
+
+
 class _Run:
     """The state of one batch: padded prompts, cache, templates, per-row sampling settings."""
 
@@ -290,24 +318,8 @@ class _Run:
         self.done = torch.zeros(n, dtype=torch.bool, device=dev)
 
     def scores(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        e, v = self.engine, self.engine.vocab
-        want = self.templates[:, step]
-        visual_step = want == VISUAL
-        only_visual = e.fast and bool((visual_step | self.done | (want >= 0)).all())
-        if only_visual:  # the visual rows of the head only
-            logits, token_ids = e.model.logits(self.hidden, slice(v.visual_offset, v.size)), e.visual_ids
-        else:
-            logits, token_ids = e.model.logits(self.hidden), e.all_ids
-        n = len(want)
-        scores = logits[:n]
-        if len(self.g_idx):
-            logp = torch.log_softmax(logits, dim=-1)
-            mixed = self.scale * (logp[self.g_idx] - logp[self.u_idx]) + logp[self.u_idx]
-            scores = scores.index_copy(0, self.g_idx, mixed)
-        if not only_visual:
-            allowed = torch.where(visual_step[:, None], e.visual_ok[None], self.text_ok)  # (n, V)
-            scores = scores.masked_fill(~allowed, -math.inf)
-        return scores, token_ids
+        return guided_scores(self.engine, self.hidden, self.templates[:, step], self.done, self.g_idx, self.u_idx,
+                             self.scale, self.text_ok)
 
     def sampling(self, want: torch.Tensor):
         visual_step = want == VISUAL

@@ -175,8 +175,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class KVCache:
     """Preallocated keys and values for every layer: (layers, B, kv_heads, max_len, head_dim) each.
 
-    All rows share one write position (left padding lines prompts up at the end), so a step writes
-    positions [start, start + T) of every row.
+    Either all rows share one write position (`Engine`: left padding lines prompts up at the end), so a
+    step writes columns [start, start + T) of every row; or each row writes its one new token at its
+    own column (`start` a (B,) tensor: continuous batching, `emu3.batching`).
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
@@ -184,6 +185,17 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over rows [start, stop) that shares this one's memory (writes go through)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v, view.max_len = self.k[:, start:stop], self.v[:, start:stop], self.max_len
+        return view
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` columns of row `src` into row `dst`."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
     @property
     def nbytes(self) -> int:
@@ -205,7 +217,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.dropout = cfg.attention_dropout
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, start: int | torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
@@ -213,10 +225,17 @@ class Attention(nn.Module):
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         if cache is not None:
-            cache.k[layer, :, :, start:start + t] = k
-            cache.v[layer, :, :, start:start + t] = v
-            k = cache.k[layer, :, :, :start + t]  # (B, KV, S, D)
-            v = cache.v[layer, :, :, :start + t]
+            if isinstance(start, torch.Tensor):  # one token per row, row b at its own column start[b]
+                rows = torch.arange(b, device=x.device)
+                cache.k[layer, rows, :, start] = k[:, :, 0]  # (B, KV, D)
+                cache.v[layer, rows, :, start] = v[:, :, 0]
+                s = mask.shape[-1]
+            else:
+                cache.k[layer, :, :, start:start + t] = k
+                cache.v[layer, :, :, start:start + t] = v
+                s = start + t
+            k = cache.k[layer, :, :, :s]  # (B, KV, S, D)
+            v = cache.v[layer, :, :, :s]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                              dropout_p=self.dropout if self.training else 0.0,
                                              enable_gqa=self.n_kv != self.n_heads)  # (B, H, T, D)
@@ -284,11 +303,20 @@ class Emu3LM(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                       key_mask: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
-                      cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
-        """(B, T) ids -> (B, T, hidden). With a cache, the T new tokens sit at positions [start, start+T)."""
+                      cache: KVCache | None = None, start: int | torch.Tensor = 0) -> torch.Tensor:
+        """(B, T) ids -> (B, T, hidden). With a cache, the T new tokens sit at columns [start, start+T).
+
+        `start` may be a (B,) tensor for T = 1: row b's token goes to column start[b] and attends to the
+        columns where `key_mask` (B, S) is True (S = 1 + the largest start); `positions` are required."""
         cfg = self.config
         b, t = input_ids.shape
-        if cache is not None and start + t > cache.max_len:
+        if isinstance(start, torch.Tensor):
+            if cache is None or t != 1 or positions is None or key_mask is None or start.shape != (b,):
+                raise InputError("per-row cache columns need a cache, one token per row, positions and a key_mask")
+            if key_mask.shape[1] > cache.max_len:
+                raise InputError(f"sequence of {key_mask.shape[1]} tokens does not fit the KV cache of "
+                                 f"{cache.max_len}")
+        elif cache is not None and start + t > cache.max_len:
             raise InputError(f"sequence of {start + t} tokens does not fit the KV cache of {cache.max_len}")
         if positions is None:
             positions = positions_for_documents(document_ids) if document_ids is not None else \
@@ -363,10 +391,14 @@ def positions_for_documents(document_ids: torch.Tensor) -> torch.Tensor:
     return idx - starts
 
 
-def attention_mask(t: int, start: int, key_mask: torch.Tensor | None, document_ids: torch.Tensor | None,
-                   device) -> torch.Tensor | None:
+def attention_mask(t: int, start: int | torch.Tensor, key_mask: torch.Tensor | None,
+                   document_ids: torch.Tensor | None, device) -> torch.Tensor | None:
     """Boolean (B, 1, T, S) mask (True = attend) for T new tokens after `start` cached ones, or None
-    for a plain causal forward. S = start + T."""
+    for a plain causal forward. S = start + T; with per-row columns (`start` a tensor, T = 1), S is
+    key_mask's width and each row sees its key_mask columns and its own new one."""
+    if isinstance(start, torch.Tensor):
+        k = torch.arange(key_mask.shape[1], device=device)[None, :]
+        return (key_mask.bool() | (k == start[:, None]))[:, None, None, :]
     if key_mask is None and document_ids is None and start == 0:
         return None  # SDPA's own causal mask
     s = start + t
