@@ -10,9 +10,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from emu3.checkpoint import save_model
 from emu3.format import Formatter
 from emu3.generate import Request, image_template
 from emu3.model import Emu3LM, model_config
+from emu3.vision import PRESET_PROCESSORS
 from emu3.vq import VisionVQ, VQConfig
 
 
@@ -201,3 +203,19 @@ def fmt(small_tokenizer):
 def image_request(fmt, prompt, grid, **kw):
     return Request(fmt.generation_prompt(prompt, grid), image_template(fmt.vocab, *grid),
                    negative=fmt.negative_prompt(grid), **kw)
+
+
+DEFAULTS = {"positive_suffix": "", "negative_prompt": "", "cfg_scale": 2.0, "image_top_k": 16}
+
+
+@pytest.fixture(scope="session")
+def model_folder(tmp_path_factory, small_tokenizer):
+    """A tiny model folder (random weights) with its vision tokenizer and generation defaults."""
+    torch.manual_seed(0)
+    model = Emu3LM(model_config("tiny", small_tokenizer.vocab, attention_dropout=0.0, image_area=32 * 32))
+    model.init_weights(torch.Generator().manual_seed(0))
+    path = tmp_path_factory.mktemp("model") / "tiny-emu3"
+    save_model(model, path, tokenizer=small_tokenizer, vq=small_vq(0), extra_files={
+        "vision_tokenizer": {"preprocessor_config.json": PRESET_PROCESSORS["tiny"].to_dict()},
+        "emu3_defaults.json": DEFAULTS})
+    return path

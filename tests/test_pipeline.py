@@ -6,35 +6,17 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from emu3.checkpoint import save_model
 from emu3.cli import main
-from emu3.model import Emu3LM, model_config
 from emu3.orders import border_tokens
 from emu3.pipeline import Defaults, Emu3
-from emu3.vision import PRESET_PROCESSORS
-from tests.conftest import scene, small_vq, write_video_file
-
-DEFAULTS = {"positive_suffix": "", "negative_prompt": "", "cfg_scale": 2.0, "image_top_k": 16}
+from tests.conftest import DEFAULTS, scene, write_video_file
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, small_tokenizer):
-    torch.manual_seed(0)
-    model = Emu3LM(model_config("tiny", small_tokenizer.vocab, attention_dropout=0.0, image_area=32 * 32))
-    model.init_weights(torch.Generator().manual_seed(0))
-    path = tmp_path_factory.mktemp("model") / "tiny-emu3"
-    save_model(model, path, tokenizer=small_tokenizer, vq=small_vq(0), extra_files={
-        "vision_tokenizer": {"preprocessor_config.json": PRESET_PROCESSORS["tiny"].to_dict()},
-        "emu3_defaults.json": DEFAULTS})
-    return path
-
-
-@pytest.fixture(scope="module")
-def emu(folder):
-    return Emu3.from_pretrained(folder)
+def emu(model_folder):
+    return Emu3.from_pretrained(model_folder)
 
 
 def test_folder_defaults_and_released_defaults(emu, tmp_path):
@@ -81,25 +63,25 @@ def test_inpainting_keeps_the_border(emu):
     assert (ring < 2).sum() == border_tokens(*codes.shape, 2)
 
 
-def test_cli_generate_saves_images_and_tokens(folder, tmp_path, capsys):
+def test_cli_generate_saves_images_and_tokens(model_folder, tmp_path, capsys):
     (tmp_path / "prompts.txt").write_text("a red circle\n\n two squares \n")
-    code = main(["generate", "--model", str(folder), "--prompts-file", str(tmp_path / "prompts.txt"), "--n", "2",
+    code = main(["generate", "--model", str(model_folder), "--prompts-file", str(tmp_path / "prompts.txt"), "--n", "2",
                  "-o", str(tmp_path / "img.png"), "--save-tokens", str(tmp_path / "codes.npy"), "--quiet"])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.glob("img-*.png")) == [f"img-00{i}.png" for i in range(4)]
     codes = np.load(tmp_path / "codes.npy")
     assert codes.shape == (4, 8, 8) and codes.dtype == np.int64
-    code = main(["chat", "--model", str(folder), "--image", str(tmp_path / "img-000.png"), "what?",
+    code = main(["chat", "--model", str(model_folder), "--image", str(tmp_path / "img-000.png"), "what?",
                  "--max-new-tokens", "4"])
     assert code == 0
 
 
-def test_cli_video_commands(folder, tmp_path, capsys):
+def test_cli_video_commands(model_folder, tmp_path, capsys):
     write_video_file(tmp_path / "in.mp4", np.stack([scene(32, 32, i) for i in range(8)]), 8)
-    assert main(["generate-video", "rolling", "--model", str(folder), "--frames", "2", "-o",
+    assert main(["generate-video", "rolling", "--model", str(model_folder), "--frames", "2", "-o",
                  str(tmp_path / "v.gif"), "--quiet"]) == 0
-    assert main(["extend-video", str(tmp_path / "in.mp4"), "more", "--model", str(folder), "--frames", "1",
+    assert main(["extend-video", str(tmp_path / "in.mp4"), "more", "--model", str(model_folder), "--frames", "1",
                  "-o", str(tmp_path / "e.mp4"), "--quiet"]) == 0
     assert "8 given + 4 generated frames" in capsys.readouterr().out
     from emu3.media import read_video
@@ -116,21 +98,21 @@ def test_cli_video_commands(folder, tmp_path, capsys):
     (["generate", "-o", "o.png"], "give a prompt"),
     (["generate-video", "x", "-o", "o.png"], "cannot write a video"),
 ])
-def test_cli_errors_before_compute(folder, tmp_path, capsys, argv, message, monkeypatch):
+def test_cli_errors_before_compute(model_folder, tmp_path, capsys, argv, message, monkeypatch):
     monkeypatch.setattr("emu3.assets.builtin_model", lambda: None)  # as in an installation without it
     argv = [a if not a.startswith("o.") else str(tmp_path / a) for a in argv]
     if "--model" not in argv and message != "no built-in model, so pass --model DIR":
-        argv += ["--model", str(folder)]
+        argv += ["--model", str(model_folder)]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
 
 
-def test_convert_to_hf_keeps_everything_needed(folder, tmp_path):
-    assert main(["convert", str(folder), "-o", str(tmp_path / "hf"), "--layout", "transformers"]) == 0
+def test_convert_to_hf_keeps_everything_needed(model_folder, tmp_path):
+    assert main(["convert", str(model_folder), "-o", str(tmp_path / "hf"), "--layout", "transformers"]) == 0
     defaults = json.loads((tmp_path / "hf" / "emu3_defaults.json").read_text())
     assert defaults["image_area"] == 32 * 32 and defaults["cfg_scale"] == 2.0
     hf = Emu3.from_pretrained(tmp_path / "hf")
-    ours = Emu3.from_pretrained(folder)
+    ours = Emu3.from_pretrained(model_folder)
     a = hf.generate_images(["a red circle"], seed=5)[0]
     b = ours.generate_images(["a red circle"], seed=5)[0]
     assert np.array_equal(a.codes, b.codes)

@@ -50,6 +50,7 @@ class Ticket:
 
     request: Request
     on_token: Callable[[Ticket, int], None] | None = None
+    on_done: Callable[[Ticket], None] | None = None
     deadline: float | None = None  # time.monotonic() after which the request is ended ("timeout")
     tokens: list[int] = field(default_factory=list)
     status: str = "queued"
@@ -101,14 +102,17 @@ class Batcher:
         self.closed = False
         self.tokens_total = 0  # generated tokens (per request, not per row), for /metrics
         self.steps_total = 0
+        self.ended_total: dict[str, int] = {}  # tickets by final status
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
         self._thread: threading.Thread | None = None
         self._stop = False
 
     # ---- any thread ----
 
     def submit(self, request: Request, on_token: Callable[[Ticket, int], None] | None = None,
-               timeout: float | None = None) -> Ticket:
-        """Validate and queue a request; raises InputError, QueueFull or Closed."""
+               timeout: float | None = None, on_done: Callable[[Ticket], None] | None = None) -> Ticket:
+        """Validate and queue a request; raises InputError, QueueFull or Closed. `on_token(ticket, id)`
+        runs after every generated token, `on_done(ticket)` once when the ticket ends, however it ends."""
         need = self.engine.check([request])
         if need > self.max_len:
             raise InputError(f"prompt + generated tokens = {need}, more than this server's {self.max_len} per request")
@@ -117,7 +121,7 @@ class Batcher:
             raise InputError(f"a guided request needs 2 rows, this batcher has {self.max_rows}")
         if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
             raise InputError(f"timeout must be a positive number of seconds, got {timeout}")
-        t = Ticket(request, on_token, None if timeout is None else time.monotonic() + timeout)
+        t = Ticket(request, on_token, on_done, None if timeout is None else time.monotonic() + timeout)
         t._stops = frozenset(request.stop if request.stop is not None else [self.engine.vocab.eos])
         with self.lock:
             if self.closed:
@@ -139,6 +143,11 @@ class Batcher:
         with self.lock:
             self.closed = True
             self.lock.notify_all()
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        """Generated tokens per second over the last `window` seconds (at most 10)."""
+        now = time.monotonic()
+        return sum(n for t, n in list(self._recent) if t >= now - window) / window
 
     @property
     def rows_used(self) -> int:
@@ -202,6 +211,10 @@ class Batcher:
                     finished.append(t)
             self.tokens_total += len(chosen)
             self.steps_total += 1
+            now = time.monotonic()
+            self._recent.append((now, len(chosen)))
+            while self._recent and self._recent[0][0] < now - 10:
+                self._recent.popleft()
             keep = [t.status == "running" for t in self.running]
             self._retire(finished)
             if self.running:
@@ -225,6 +238,12 @@ class Batcher:
     def _end(self, t: Ticket) -> None:
         t.ended = time.monotonic()
         t._done.set()
+        self.ended_total[t.status] = self.ended_total.get(t.status, 0) + 1
+        if t.on_done is not None:
+            try:
+                t.on_done(t)
+            except Exception:  # a consumer's failure must not stop the batch
+                pass
 
     def _retire(self, tickets: list[Ticket]) -> None:
         """Drop tickets from the batch and pack the remaining rows into [0, n)."""

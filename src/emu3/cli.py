@@ -375,6 +375,27 @@ def cmd_demo(args) -> None:
     print(f"wrote {path}")
 
 
+def cmd_serve(args) -> None:
+    import os
+
+    try:
+        from .server import ServeConfig, serve
+    except ImportError as e:
+        raise InputError(str(e)) from None
+    if args.port < 0 or args.port > 65535:
+        raise InputError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_rows < 1 or args.max_queue < 0 or args.timeout <= 0:
+        raise InputError("--max-rows must be >= 1, --max-queue >= 0 and --timeout > 0")
+    emu = _pipeline(args)
+    name = Path(args.model).name if args.model else "emu3-demo"
+    config = ServeConfig(model_name=name, api_key=args.api_key or os.environ.get("EMU3_API_KEY") or None,
+                         max_rows=args.max_rows, max_queue=args.max_queue, timeout=args.timeout,
+                         max_body_bytes=args.max_body_mb * 2**20)
+    print(f"serving {name} on http://{args.host}:{args.port} (web page at /, API under /v1; Ctrl-C drains and exits)",
+          flush=True)
+    serve(emu, args.host, args.port, config, log_level=args.log_level)
+
+
 def cmd_build_demo(args) -> None:
     from .world.recipe import build_demo
 
@@ -542,6 +563,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="DIR")
     lm_opts(p)
     p.set_defaults(func=cmd_demo, seed=50_000)
+
+    p = sub.add_parser("serve", help="HTTP API (OpenAI-style) with continuous batching, and a web page")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health "
+                                     "(default: $EMU3_API_KEY, else none)")
+    p.add_argument("--max-rows", type=int, default=16, help="rows of the running batch (a CFG request takes 2)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests; more are answered 429")
+    p.add_argument("--timeout", type=float, default=600.0, help="per-request deadline in seconds (and the largest)")
+    p.add_argument("--max-body-mb", type=int, default=16, help="largest request body (413 beyond)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    lm_opts(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("build-demo", help="reproduce the built-in model: tokenizers, data, training, export")
     p.add_argument("output", metavar="OUT")

@@ -166,25 +166,40 @@ def open_image(path: str | os.PathLike, max_pixels: int = MAX_INPUT_PIXELS) -> I
     _require_file(path)
     if path.is_dir():
         raise InputError(f"{path}: is a folder, not an image")
+    return _decode_image(lambda: Image.open(path), str(path), max_pixels, None)
+
+
+def read_image_bytes(data: bytes, name: str = "image", max_pixels: int = MAX_INPUT_PIXELS,
+                     formats: frozenset[str] | None = None) -> Image.Image:
+    """Decode an image held in memory (an upload) to RGB. Its format (PIL's name: PNG, JPEG, ...) must
+    be in `formats` and its declared size within max_pixels, both checked from the header alone."""
+    import io
+
+    return _decode_image(lambda: Image.open(io.BytesIO(data)), name, max_pixels, formats)
+
+
+def _decode_image(opener, name: str, max_pixels: int, formats: frozenset[str] | None) -> Image.Image:
     try:
-        image = Image.open(path)
+        image = opener()
     except Image.DecompressionBombError as e:
-        raise InputError(f"{path}: image is far larger than the limit of {max_pixels} pixels ({e})") from None
+        raise InputError(f"{name}: image is far larger than the limit of {max_pixels} pixels ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise InputError(f"{path}: not an image file that can be read ({type(e).__name__}: {e})") from None
+        raise InputError(f"{name}: not an image file that can be read ({type(e).__name__}: {e})") from None
     with image:
+        if formats is not None and image.format not in formats:
+            raise InputError(f"{name}: {image.format} images are not accepted; use one of {', '.join(sorted(formats))}")
         w, h = image.size
         if w * h > max_pixels:
-            raise InputError(f"{path}: image declares {w}x{h} = {w * h} pixels, more than the limit of "
+            raise InputError(f"{name}: image declares {w}x{h} = {w * h} pixels, more than the limit of "
                              f"{max_pixels} pixels")
         if w < 1 or h < 1:
-            raise InputError(f"{path}: image declares an empty size {w}x{h}")
+            raise InputError(f"{name}: image declares an empty size {w}x{h}")
         try:
             image.load()
             image = ImageOps.exif_transpose(image)
             return to_rgb(image)
         except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise InputError(f"{path}: image is corrupt or truncated ({type(e).__name__}: {e})") from None
+            raise InputError(f"{name}: image is corrupt or truncated ({type(e).__name__}: {e})") from None
 
 
 def probe(path: str | os.PathLike) -> str:

@@ -171,52 +171,80 @@ class Emu3:
 
     # ---- tasks ----
 
+    def image_request(self, prompt: str, seed: int = 0, grid: tuple[int, int] | None = None, ratio: str | None = None,
+                      image_area: int | None = None, cfg_scale: float | None = None, temperature: float | None = None,
+                      top_k: int | None = None, top_p: float | None = None, negative_prompt: str | None = None,
+                      suffix: str | None = None) -> Request:
+        """The engine request for one text-to-image generation (the grid from `grid` or ratio and area)."""
+        fmt = self._formatter()
+        h, w = grid or self.grid(ratio, image_area)
+        d = self.defaults
+        negative = fmt.negative_prompt((h, w), d.negative_prompt if negative_prompt is None else negative_prompt)
+        return Request(fmt.generation_prompt(prompt, (h, w), d.positive_suffix if suffix is None else suffix),
+                       image_template(self.vocab, h, w), negative=negative,
+                       cfg_scale=d.cfg_scale if cfg_scale is None else cfg_scale,
+                       visual=self._image_sampling(temperature, top_k, top_p), seed=seed)
+
+    def image_result(self, request: Request, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(codes (h, w), pixels (H, W, 3) uint8) of a finished image request's tokens."""
+        image = self._formatter().parse(np.concatenate([request.prompt, tokens]))[-1]
+        if not (isinstance(image, Image) and image.complete):
+            raise InputError("the tokens do not end in a complete image")
+        return image.codes, self._need_vision().decode_image(image.codes)
+
     def generate_images(self, prompts: list[str], n: int = 1, ratio: str | None = None, image_area: int | None = None,
                         cfg_scale: float | None = None, seed: int = 0, temperature: float | None = None,
                         top_k: int | None = None, top_p: float | None = None, negative_prompt: str | None = None,
                         suffix: str | None = None, batch_size: int = 8, progress: bool = False) -> list[Generated]:
         """n images per prompt; image j of prompt i uses seed + i * n + j."""
-        vision = self._need_vision()
+        self._need_vision()
         if not prompts or n < 1:
             raise InputError("need at least one prompt and n >= 1")
-        fmt = self._formatter()
-        h, w = self.grid(ratio, image_area)
-        d = self.defaults
-        cfg = d.cfg_scale if cfg_scale is None else cfg_scale
-        suffix = d.positive_suffix if suffix is None else suffix
-        negative = fmt.negative_prompt((h, w), d.negative_prompt if negative_prompt is None else negative_prompt)
-        visual = self._image_sampling(temperature, top_k, top_p)
+        grid = self.grid(ratio, image_area)
         requests, meta = [], []
         for i, prompt in enumerate(prompts):
             for j in range(n):
                 s = seed + i * n + j
-                requests.append(Request(fmt.generation_prompt(prompt, (h, w), suffix), image_template(self.vocab, h, w),
-                                        negative=negative, cfg_scale=cfg, visual=visual, seed=s))
+                requests.append(self.image_request(prompt, s, grid, cfg_scale=cfg_scale, temperature=temperature,
+                                                   top_k=top_k, top_p=top_p, negative_prompt=negative_prompt,
+                                                   suffix=suffix))
                 meta.append((prompt, s))
         out = []
         for (res, seconds), req, (prompt, s) in zip(self._run(requests, batch_size, progress), requests, meta):
-            image = fmt.parse(np.concatenate([req.prompt, res.tokens]))[-1]
-            assert isinstance(image, Image) and image.complete, image  # the template guarantees the structure
-            out.append(Generated(prompt, s, image.codes, vision.decode_image(image.codes), res.tokens, seconds))
+            codes, pixels = self.image_result(req, res.tokens)
+            out.append(Generated(prompt, s, codes, pixels, res.tokens, seconds))
         return out
+
+    def chat_request(self, image, question: str, max_new_tokens: int | None = None, template: str | None = None,
+                     temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                     seed: int = 0) -> Request:
+        """The engine request for a question about an image (PIL image or uint8 (H, W, 3) at model resolution)."""
+        codes = self._need_vision().encode_image(image).numpy()
+        prompt = self._formatter("raster").chat_prompt(codes, question, template or self.defaults.chat_template)
+        return Request(prompt, max_new_tokens=max_new_tokens or self.defaults.max_new_tokens,
+                       text=self._text_sampling(temperature, top_k, top_p), seed=seed)
+
+    def answer(self, tokens: np.ndarray) -> str:
+        """The text of generated tokens (special tokens dropped)."""
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
     def chat(self, image, question: str, max_new_tokens: int | None = None, template: str | None = None,
              temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0) -> str:
         """Answer a question about an image (PIL image or uint8 (H, W, 3) at model resolution)."""
-        vision = self._need_vision()
-        codes = vision.encode_image(image).numpy()
-        prompt = self._formatter("raster").chat_prompt(codes, question, template or self.defaults.chat_template)
-        req = Request(prompt, max_new_tokens=max_new_tokens or self.defaults.max_new_tokens,
-                      text=self._text_sampling(temperature, top_k, top_p), seed=seed)
+        req = self.chat_request(image, question, max_new_tokens, template, temperature, top_k, top_p, seed)
         (res, _), = self._run([req], 1, False)
-        return self.tokenizer.decode(res.tokens, skip_special_tokens=True).strip()
+        return self.answer(res.tokens)
 
-    def _video(self, prompt: str, frames: int, context: np.ndarray | None, ratio, image_area, fps, cfg_scale, seed,
-               temperature, top_k, top_p, negative_prompt, progress, grid=None) -> Generated:
-        vision = self._need_vision()
+    def video_request(self, prompt: str, frames: int, context: np.ndarray | None = None, ratio: str | None = None,
+                      image_area: int | None = None, fps: float | None = None, cfg_scale: float | None = None,
+                      seed: int = 0, temperature: float | None = None, top_k: int | None = None,
+                      top_p: float | None = None, negative_prompt: str | None = None,
+                      grid: tuple[int, int] | None = None) -> Request:
+        """The engine request for `frames` latent frames, continuing the codes of `context` (t, h, w) if given."""
+        self._need_vision()
         fmt = self._formatter("raster")
-        h, w = grid or self.grid(ratio, image_area)
+        h, w = grid or (context.shape[1:] if context is not None else self.grid(ratio, image_area))
         known = 0 if context is None else len(context)
         if frames < 1 + known:
             raise InputError(f"a video of {frames} latent frames cannot extend {known} given ones")
@@ -226,12 +254,23 @@ class Emu3:
         negative = fmt.video_prompt(neg_text, (frames, h, w), fps, context)
         template = video_template(self.vocab, fmt.image_header(h, w), frames - known, h, w)
         cfg = self.defaults.cfg_scale if cfg_scale is None else cfg_scale
-        req = Request(cond, template, negative=negative, cfg_scale=cfg, seed=seed,
-                      visual=self._image_sampling(temperature, top_k, top_p))
+        return Request(cond, template, negative=negative, cfg_scale=cfg, seed=seed,
+                       visual=self._image_sampling(temperature, top_k, top_p))
+
+    def video_result(self, request: Request, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(codes (t, h, w), frames (T, H, W, 3) uint8) of a finished video request's tokens."""
+        video = self._formatter("raster").parse(np.concatenate([request.prompt, tokens]))[-1]
+        if not (isinstance(video, Video) and video.complete):
+            raise InputError("the tokens do not end in a complete video")
+        return video.codes, self._need_vision().decode_video(video.codes, "causal")
+
+    def _video(self, prompt: str, frames: int, context: np.ndarray | None, ratio, image_area, fps, cfg_scale, seed,
+               temperature, top_k, top_p, negative_prompt, progress) -> Generated:
+        req = self.video_request(prompt, frames, context, ratio, image_area, fps, cfg_scale, seed, temperature, top_k,
+                                 top_p, negative_prompt)
         (res, seconds), = self._run([req], 1, progress)
-        video = fmt.parse(np.concatenate([cond, res.tokens]))[-1]
-        assert isinstance(video, Video) and video.complete, video
-        return Generated(prompt, seed, video.codes, vision.decode_video(video.codes, "causal"), res.tokens, seconds)
+        codes, pixels = self.video_result(req, res.tokens)
+        return Generated(prompt, seed, codes, pixels, res.tokens, seconds)
 
     def generate_video(self, prompt: str, frames: int, ratio: str | None = None, image_area: int | None = None,
                        fps: float | None = None, cfg_scale: float | None = None, seed: int = 0,
@@ -249,7 +288,7 @@ class Emu3:
         vision = self._need_vision()
         context = vision.encode_video(frames_uint8, "causal").numpy()
         return self._video(prompt, len(context) + new_frames, context, None, None, fps, cfg_scale, seed, temperature,
-                           top_k, top_p, negative_prompt, progress, grid=context.shape[1:])
+                           top_k, top_p, negative_prompt, progress)
 
     def inpaint(self, image, prompt: str, rings: int, cfg_scale: float | None = None, seed: int = 0,
                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,

@@ -1,0 +1,811 @@
+"""HTTP serving: an OpenAI-style API over continuous batching, a web page, bounded behaviour under load.
+
+`create_app(Emu3, ServeConfig)` builds the FastAPI app; `serve` runs it with uvicorn. What is unusual:
+- one batcher thread owns the language model (`emu3.batching`); endpoints submit requests and await
+  their tickets, so /health and /metrics never wait on the model. Vision-tokenizer work (encoding an
+  uploaded image, decoding codes to pixels) runs in worker threads, off the event loop.
+- every error is an OpenAI-style object {"error": {"message", "type", "param", "code"}}; FastAPI's 422
+  validation errors become 400s that name the parameter. Bodies are capped before parsing (413);
+  uploaded images are checked from their header (format, declared size) before any pixel is decoded.
+- a client that disconnects cancels its requests (their rows are freed at the next step); every request
+  has a deadline; a full queue answers 429 at once.
+- SIGTERM or Ctrl-C drains: new requests get 503 (and /health 503, so a load balancer stops sending),
+  running ones finish, then the process exits; a second signal exits at once.
+- streamed responses are server-sent events: chat deltas as OpenAI's chat.completion.chunk, image and
+  video progress as {"type": "progress", "rows_done", "rows_total"} events (with a PNG of the rows
+  done so far when "preview" is set), then the result, then [DONE].
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import io
+import json
+import math
+import re
+import secrets
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+
+from . import media
+from .batching import Batcher, Closed, QueueFull, Ticket
+from .errors import InputError
+from .generate import Request, Sampling, image_template
+from .pipeline import Emu3
+
+try:
+    from fastapi import FastAPI
+    from fastapi import Request as HTTPRequest
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+    from pydantic import BaseModel, ConfigDict, Field
+except ImportError as e:  # pragma: no cover - the error names the extra to install
+    raise ImportError('emu3 serve needs FastAPI and uvicorn: pip install "emu3[serve]"') from e
+
+IMAGE_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP"})
+PAGE = Path(__file__).parent / "web" / "index.html"
+
+
+@dataclass
+class ServeConfig:
+    model_name: str = "emu3"
+    api_key: str | None = None  # when set, every route but /health needs "Authorization: Bearer KEY"
+    max_rows: int = 16  # KV-cache rows of the running batch (a CFG request takes 2)
+    max_queue: int = 64  # waiting requests; more get 429
+    max_len: int | None = None  # cache columns per row (default: the model's context)
+    max_body_bytes: int = 16 * 2**20
+    max_image_pixels: int = 4096 * 4096  # declared size of an uploaded image
+    max_images: int = 8  # n per image request
+    max_new_tokens: int = 4096
+    timeout: float = 600.0  # default (and largest) per-request deadline, seconds
+    drain_timeout: float = 120.0  # how long SIGTERM waits for running requests
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+
+    def response(self) -> JSONResponse:
+        return _error(self.status, self.message, self.param, self.kind, self.code)
+
+
+def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+           code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+
+
+# --------------------------------------------------------------------------------------------
+# Request bodies (strict: "3" is not a number, NaN is not a float, unknown fields are refused)
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str | None = None
+    user: str | None = None
+    timeout: Finite | None = Field(None, gt=0)
+
+
+class _Sampling(_Body):
+    cfg_scale: Finite | None = Field(None, ge=0, le=100)
+    seed: Seed | None = None
+    temperature: Finite | None = Field(None, ge=0, le=100)
+    top_k: int | None = Field(None, ge=0)
+    top_p: Finite | None = Field(None, gt=0, le=1)
+    negative_prompt: str | None = Field(None, max_length=10000)
+    stream: bool = False
+    preview: bool = False  # streamed progress events carry a PNG of the rows done so far
+
+
+class ImagesBody(_Sampling):
+    prompt: str = Field(max_length=10000)
+    n: int = Field(1, ge=1)
+    size: str | None = None  # "WxH" pixels
+    aspect_ratio: str | None = None  # "W:H" at the model's image area
+    response_format: Literal["b64_json"] = "b64_json"
+
+
+class VideosBody(_Sampling):
+    prompt: str = Field(max_length=10000)
+    frames: int = Field(ge=1)  # latent frames (4 video frames each)
+    size: str | None = None
+    aspect_ratio: str | None = None
+    fps: Finite | None = Field(None, gt=0, le=240)
+    format: Literal["mp4", "gif", "webm"] = "mp4"
+
+
+class _ImageURL(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    url: str
+    detail: str | None = None
+
+
+class _TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class _ImagePart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["image_url"]
+    image_url: _ImageURL
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: Literal["system", "user", "assistant"]
+    content: str | list[Annotated[_TextPart | _ImagePart, Field(discriminator="type")]]
+    name: str | None = None
+
+
+class ChatBody(_Body):
+    messages: list[_Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: Finite | None = Field(None, ge=0, le=100)
+    top_k: int | None = Field(None, ge=0)
+    top_p: Finite | None = Field(None, gt=0, le=1)
+    seed: Seed | None = None
+    n: Literal[1] = 1
+    stream: bool = False
+    stream_options: dict[str, bool] | None = None
+
+
+class TokensBody(_Body):
+    prompt: list[int] = Field(min_length=1)
+    negative_prompt: list[int] | None = Field(None, min_length=1)
+    image: list[int] | None = Field(None, min_length=2, max_length=2)  # [h, w]: an image of this grid; else text
+    max_new_tokens: int = Field(256, ge=1)
+    cfg_scale: Finite = Field(1.0, ge=0, le=100)
+    seed: Seed = 0
+    temperature: Finite = Field(1.0, ge=0, le=100)
+    top_k: int = Field(0, ge=0)
+    top_p: Finite = Field(1.0, gt=0, le=1)
+    text_temperature: Finite = Field(0.0, ge=0, le=100)
+    stop: list[int] | None = Field(None, min_length=1)
+    allowed: list[int] | None = Field(None, min_length=1)
+
+
+# --------------------------------------------------------------------------------------------
+# The app
+
+
+class _State:
+    def __init__(self, pipe: Emu3, config: ServeConfig):
+        self.pipe, self.config = pipe, config
+        self.batcher = Batcher(pipe.engine, max_rows=config.max_rows, max_len=config.max_len,
+                               max_queue=config.max_queue)
+        self.draining = False
+        self.requests_total: dict[tuple[str, int], int] = {}
+        self.started = time.time()
+
+    def count(self, path: str, status: int) -> None:
+        key = (path, status)
+        self.requests_total[key] = self.requests_total.get(key, 0) + 1
+
+
+class _Gate:
+    """Pure ASGI middleware in front of the app: draining (503), API key (401), body size (413)."""
+
+    OPEN = {"/health"}
+    ROUTES = {"/", "/health", "/v1/models", "/v1/images/generations", "/v1/videos/generations",
+              "/v1/chat/completions", "/v1/tokens/generations", "/docs", "/openapi.json"}
+
+    def __init__(self, app, state: _State):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, cfg = scope["path"], self.state.config
+        status = [500]
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if path not in self.OPEN:
+                if self.state.draining:
+                    return await _error(503, "the server is shutting down; retry on another instance",
+                                        kind="server_shutting_down")(scope, receive, send_counted)
+                if cfg.api_key is not None and not self._authorized(scope):
+                    return await _error(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                        kind="authentication_error")(scope, receive, send_counted)
+            headers = dict(scope["headers"])
+            declared = headers.get(b"content-length")
+            if declared is not None and (not declared.isdigit() or int(declared) > cfg.max_body_bytes):
+                return await _error(413, f"the request body is larger than the limit of {cfg.max_body_bytes} "
+                                         "bytes", kind="request_too_large")(scope, receive, send_counted)
+            if scope["method"] in ("POST", "PUT", "PATCH"):  # buffer (and count) the body before the app sees it
+                body, more = bytearray(), True
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    body += message.get("body", b"")
+                    more = message.get("more_body", False)
+                    if len(body) > cfg.max_body_bytes:
+                        return await _error(413, f"the request body is larger than the limit of "
+                                                 f"{cfg.max_body_bytes} bytes",
+                                            kind="request_too_large")(scope, receive, send_counted)
+                sent = False
+
+                async def replay():
+                    nonlocal sent
+                    if not sent:
+                        sent = True
+                        return {"type": "http.request", "body": bytes(body), "more_body": False}
+                    return await receive()
+
+                return await self.app(scope, replay, send_counted)
+            return await self.app(scope, receive, send_counted)
+        finally:
+            if path != "/metrics":  # known routes only: a scan of random paths must not grow the label set
+                self.state.count(path if path in self.ROUTES else "other", status[0])
+
+    def _authorized(self, scope) -> bool:
+        key = self.state.config.api_key.encode()
+        auth = dict(scope["headers"]).get(b"authorization", b"")
+        if auth[:7].lower() == b"bearer " and hmac.compare_digest(auth[7:].strip(), key):
+            return True
+        if scope["path"] == "/":  # a browser opening the page: /?api_key=KEY
+            from urllib.parse import parse_qs
+
+            given = parse_qs(scope.get("query_string", b"").decode()).get("api_key", [""])[0].encode()
+            return hmac.compare_digest(given, key)
+        return False
+
+
+def _param(loc: tuple) -> str | None:
+    """("body", "messages", 0, "content", ...) -> "messages[0].content..."; pydantic's union-member labels
+    (such as "list[...]" or a discriminator value repeated before the field) are left out."""
+    out, prev = "", None
+    for p in loc[1:] if loc[:1] == ("body",) else loc:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif "[" in str(p) or p in ("str",) or (p == prev and p in ("text", "image_url")):
+            continue
+        elif prev is not None and isinstance(prev, int) and p in ("text", "image_url") and loc[-1] != p:
+            prev = p  # the discriminator label: the field name follows
+            continue
+        else:
+            out += ("." if out else "") + str(p)
+        prev = p
+    return out or None
+
+
+def create_app(pipe: Emu3, config: ServeConfig | None = None) -> FastAPI:
+    """The FastAPI app (wrapped in the gate middleware) for a loaded pipeline."""
+    config = config or ServeConfig()
+    state = _State(pipe, config)
+    v = pipe.vocab
+    ctx = pipe.model.config.max_position_embeddings
+    factor = pipe.vision.model.config.spatial_factor if pipe.vision is not None else 8
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        state.batcher.start()
+        yield
+        state.batcher.stop(5)
+
+    app = FastAPI(title="emu3", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.emu3 = state
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        err = exc.errors()[0]
+        if err.get("type") == "json_invalid":
+            return _error(400, f"the body is not valid JSON ({err.get('ctx', {}).get('error', err['msg'])})")
+        loc = tuple(err.get("loc", ()))
+        param = _param(loc)
+        if err.get("type") == "missing":
+            return _error(400, f"missing required parameter '{param}'", param)
+        got = err.get("input")
+        shown = json.dumps(got)[:80] if isinstance(got, (int, float, str, bool, type(None))) else type(got).__name__
+        return _error(400, f"invalid '{param}': {err['msg']} (got {shown})", param)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        return exc.response()
+
+    # ---- helpers ----
+
+    def timeout_of(body: _Body) -> float:
+        return min(body.timeout or config.timeout, config.timeout)
+
+    def seed_of(body) -> int:
+        return body.seed if body.seed is not None else secrets.randbelow(2**31)
+
+    def grid_of(body, param_size="size") -> tuple[int, int]:
+        if body.size is not None and body.aspect_ratio is not None:
+            raise APIError(400, "give size or aspect_ratio, not both", param_size)
+        if body.size is not None:
+            m = re.fullmatch(r"(\d+)x(\d+)", body.size)
+            if not m or int(m.group(1)) % factor or int(m.group(2)) % factor or not int(m.group(1)) \
+                    or not int(m.group(2)):
+                raise APIError(400, f"size must be 'WxH' in pixels, both positive multiples of {factor}, "
+                                    f"got {body.size!r}", "size")
+            return int(m.group(2)) // factor, int(m.group(1)) // factor
+        try:
+            return pipe.grid(body.aspect_ratio)
+        except InputError as e:
+            raise APIError(400, str(e), "aspect_ratio") from None
+
+    def submit_all(requests: list[Request], body: _Body, param: str, on_token=None, on_done=None) -> list[Ticket]:
+        tickets = []
+        try:
+            for r in requests:
+                tickets.append(state.batcher.submit(r, on_token, timeout_of(body), on_done))
+        except QueueFull as e:
+            for t in tickets:
+                state.batcher.cancel(t)
+            raise APIError(429, str(e), kind="rate_limit_error", code="queue_full") from None
+        except Closed as e:
+            for t in tickets:
+                state.batcher.cancel(t)
+            raise APIError(503, str(e), kind="server_shutting_down") from None
+        except InputError as e:
+            for t in tickets:
+                state.batcher.cancel(t)
+            raise APIError(400, str(e), param) from None
+        return tickets
+
+    def ended_error(t: Ticket) -> APIError | None:
+        if t.status == "timeout":
+            return APIError(504, f"the request passed its deadline of {timeout_of_ticket(t):.0f} s",
+                            kind="timeout", code="deadline_exceeded")
+        if t.status == "failed":
+            return APIError(500, f"generation failed: {t.error}", kind="server_error")
+        if t.status == "cancelled":
+            return APIError(499, "the request was cancelled", kind="cancelled")
+        return None
+
+    def timeout_of_ticket(t: Ticket) -> float:
+        return (t.deadline - t.submitted) if t.deadline is not None else config.timeout
+
+    class Watch:
+        """Ticket events delivered on the event loop (callbacks run on the batcher thread)."""
+
+        def __init__(self, every_token: bool = False):
+            self.loop = asyncio.get_running_loop()
+            self.queue: asyncio.Queue = asyncio.Queue()
+            self.every_token = every_token
+            self.disconnected = False
+
+        def on_token(self, t: Ticket, tok: int) -> None:
+            if self.every_token or tok == v.eol:
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, ("token", t, tok))
+
+        def on_done(self, t: Ticket) -> None:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, ("done", t, None))
+
+        async def events(self, tickets: list[Ticket], request: HTTPRequest | None):
+            """Yield events until every ticket ended; a disconnected client cancels them all."""
+            open_ = len(tickets)
+            try:
+                while open_:
+                    try:
+                        ev = await asyncio.wait_for(self.queue.get(), 0.25)
+                    except asyncio.TimeoutError:
+                        if request is not None and await request.is_disconnected():
+                            self.disconnected = True
+                            break
+                        continue
+                    if ev[0] == "done":
+                        open_ -= 1
+                    yield ev
+            finally:
+                for t in tickets:
+                    if not t._done.is_set():
+                        state.batcher.cancel(t)
+
+    def sse(obj) -> bytes:
+        return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode()
+
+    def png_b64(pixels: np.ndarray) -> str:
+        buf = io.BytesIO()
+        from PIL import Image
+
+        Image.fromarray(np.ascontiguousarray(pixels)).save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    def preview(t: Ticket, w: int) -> str | None:
+        """PNG of the complete rows of an image ticket so far."""
+        codes = [x - v.visual_offset for x in t.tokens if x >= v.visual_offset]
+        rows = len(codes) // w
+        if not rows:
+            return None
+        return png_b64(pipe.vision.decode_image(np.asarray(codes[:rows * w]).reshape(rows, w)))
+
+    # ---- routes ----
+
+    @app.get("/health")
+    async def health():
+        b = state.batcher
+        body = {"status": "draining" if state.draining else "ok", "queue": len(b.queue), "running": len(b.running)}
+        return JSONResponse(body, 503 if state.draining else 200)
+
+    @app.get("/v1/models")
+    async def models():
+        c = pipe.model.config
+        card = {"id": config.model_name, "object": "model", "created": int(state.started), "owned_by": "emu3",
+                "context_length": c.max_position_embeddings, "vocab_size": v.size, "text_size": v.text_size,
+                "visual_offset": v.visual_offset, "codebook_size": v.codebook_size,
+                "special_ids": {k: int(getattr(v, k)) for k in ("bos", "eos", "pad", "boi", "eoi", "img", "eol",
+                                                                  "eof", "bov", "eov")
+                                if hasattr(v, k)},
+                "image_grid": list(pipe.grid()) if pipe.vision is not None else None,
+                "spatial_factor": pipe.vision.model.config.spatial_factor if pipe.vision is not None else None}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/metrics")
+    async def metrics():
+        b = state.batcher
+        lines = [
+            "# HELP emu3_queue_length Requests waiting for a batch slot.", "# TYPE emu3_queue_length gauge",
+            f"emu3_queue_length {len(b.queue)}",
+            "# HELP emu3_running_requests Requests in the running batch.", "# TYPE emu3_running_requests gauge",
+            f"emu3_running_requests {len(b.running)}",
+            "# HELP emu3_running_rows KV-cache rows in use (a CFG request takes 2).",
+            "# TYPE emu3_running_rows gauge", f"emu3_running_rows {b.rows_used}",
+            "# HELP emu3_max_rows KV-cache rows of the batch.", "# TYPE emu3_max_rows gauge",
+            f"emu3_max_rows {b.max_rows}",
+            "# HELP emu3_tokens_per_second Generated tokens per second over the last 10 s.",
+            "# TYPE emu3_tokens_per_second gauge", f"emu3_tokens_per_second {b.tokens_per_second():.3f}",
+            "# HELP emu3_generated_tokens_total Generated tokens.", "# TYPE emu3_generated_tokens_total counter",
+            f"emu3_generated_tokens_total {b.tokens_total}",
+            "# HELP emu3_steps_total Batch steps run.", "# TYPE emu3_steps_total counter",
+            f"emu3_steps_total {b.steps_total}",
+            "# HELP emu3_generations_total Generation requests by how they ended.",
+            "# TYPE emu3_generations_total counter",
+        ]
+        lines += [f'emu3_generations_total{{status="{k}"}} {n}' for k, n in sorted(b.ended_total.items())]
+        lines += ["# HELP emu3_http_requests_total HTTP requests by path and status.",
+                  "# TYPE emu3_http_requests_total counter"]
+        lines += [f'emu3_http_requests_total{{path="{p}",status="{s}"}} {n}'
+                  for (p, s), n in sorted(state.requests_total.items())]
+        lines.append(f"emu3_draining {int(state.draining)}")
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(PAGE.read_text(encoding="utf-8").replace("{{MODEL}}", config.model_name))
+
+    @app.post("/v1/images/generations")
+    async def images(body: ImagesBody, request: HTTPRequest):
+        if pipe.vision is None:
+            raise APIError(400, "this model has no vision tokenizer", "model")
+        if not body.prompt.strip():
+            raise APIError(400, "prompt must not be empty", "prompt")
+        if body.n > config.max_images:
+            raise APIError(400, f"n must be at most {config.max_images}, got {body.n}", "n")
+        h, w = grid_of(body)
+        seed = seed_of(body)
+        try:
+            reqs = [pipe.image_request(body.prompt, seed + j, (h, w), cfg_scale=body.cfg_scale,
+                                       temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+                                       negative_prompt=body.negative_prompt) for j in range(body.n)]
+        except InputError as e:
+            raise APIError(400, str(e), "prompt") from None
+        for r in reqs:
+            need = max(len(r.prompt), len(r.negative)) + r.steps()
+            if need > min(ctx, state.batcher.max_len):
+                raise APIError(400, f"a {w * factor}x{h * factor} image needs {need} "
+                                    f"tokens with its prompt, more than the model's context of "
+                                    f"{min(ctx, state.batcher.max_len)}", "size")
+        watch = Watch()
+        tickets = submit_all(reqs, body, "prompt", watch.on_token, watch.on_done)
+        created = int(time.time())
+
+        async def finish(t: Ticket, j: int) -> dict:
+            err = ended_error(t)
+            if err is not None:
+                raise err
+            codes, pixels = await asyncio.to_thread(pipe.image_result, reqs[j], t.result().tokens)
+            return {"b64_json": await asyncio.to_thread(png_b64, pixels), "seed": seed + j,
+                    "revised_prompt": body.prompt}
+
+        if not body.stream:
+            async for _ in watch.events(tickets, request):
+                pass
+            if watch.disconnected:
+                raise APIError(499, "the client disconnected", kind="cancelled")
+            data = [await finish(t, j) for j, t in enumerate(tickets)]
+            return {"created": created, "data": data}
+
+        async def stream():
+            index = {id(t): j for j, t in enumerate(tickets)}
+            rows = [0] * len(tickets)
+            try:
+                yield sse({"type": "started", "created": created, "rows_total": h * len(tickets), "seed": seed,
+                           "size": f"{w * factor}x{h * factor}"})
+                async for kind, t, _ in watch.events(tickets, request):
+                    j = index[id(t)]
+                    if kind == "token":
+                        rows[j] += 1
+                        ev = {"type": "progress", "index": j, "rows_done": sum(rows), "rows_total": h * len(tickets)}
+                        if body.preview and watch.queue.qsize() < 2:  # skip previews when behind
+                            ev["preview"] = await asyncio.to_thread(preview, t, w)
+                        yield sse(ev)
+                    else:
+                        try:
+                            yield sse({"type": "image", "index": j, **(await finish(t, j))})
+                        except APIError as e:
+                            yield sse({"type": "error", "index": j, "error": {"message": e.message, "type": e.kind,
+                                                                             "code": e.code}})
+                yield sse("[DONE]")
+            finally:
+                for t in tickets:
+                    if not t._done.is_set():
+                        state.batcher.cancel(t)
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/videos/generations")
+    async def videos(body: VideosBody, request: HTTPRequest):
+        if pipe.vision is None:
+            raise APIError(400, "this model has no vision tokenizer", "model")
+        if not body.prompt.strip():
+            raise APIError(400, "prompt must not be empty", "prompt")
+        h, w = grid_of(body)
+        seed = seed_of(body)
+        try:
+            req = pipe.video_request(body.prompt, body.frames, grid=(h, w), cfg_scale=body.cfg_scale, seed=seed,
+                                     temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+                                     negative_prompt=body.negative_prompt, fps=body.fps)
+        except InputError as e:
+            raise APIError(400, str(e), "frames") from None
+        need = max(len(req.prompt), len(req.negative)) + req.steps()
+        if need > min(ctx, state.batcher.max_len):
+            raise APIError(400, f"{body.frames} latent frames of {h}x{w} codes need {need} tokens with the prompt, "
+                                f"more than the model's context of {min(ctx, state.batcher.max_len)}", "frames")
+        watch = Watch()
+        (ticket,) = submit_all([req], body, "prompt", watch.on_token, watch.on_done)
+        created = int(time.time())
+        fps = body.fps or pipe.defaults.video_fps or 8.0
+
+        async def finish() -> dict:
+            err = ended_error(ticket)
+            if err is not None:
+                raise err
+            codes, frames = await asyncio.to_thread(pipe.video_result, req, ticket.result().tokens)
+            data = await asyncio.to_thread(_encode_video, frames, fps, body.format)
+            return {"b64_json": base64.b64encode(data).decode(), "format": body.format, "seed": seed,
+                    "frames": int(len(frames)), "fps": fps}
+
+        if not body.stream:
+            async for _ in watch.events([ticket], request):
+                pass
+            if watch.disconnected:
+                raise APIError(499, "the client disconnected", kind="cancelled")
+            return {"created": created, "data": [await finish()]}
+
+        async def stream():
+            done, total = 0, h * body.frames
+            try:
+                async for kind, _t, _ in watch.events([ticket], request):
+                    if kind == "token":
+                        done += 1
+                        yield sse({"type": "progress", "rows_done": done, "rows_total": total})
+                    else:
+                        try:
+                            yield sse({"type": "video", **(await finish())})
+                        except APIError as e:
+                            yield sse({"type": "error", "error": {"message": e.message, "type": e.kind}})
+                yield sse("[DONE]")
+            finally:
+                if not ticket._done.is_set():
+                    state.batcher.cancel(ticket)
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody, request: HTTPRequest):
+        if pipe.vision is None:
+            raise APIError(400, "this model has no vision tokenizer", "model")
+        users = [i for i, m in enumerate(body.messages) if m.role == "user"]
+        if not users:
+            raise APIError(400, "messages must contain a user message", "messages")
+        last = body.messages[users[-1]]
+        parts = [last.content] if isinstance(last.content, str) else last.content
+        question = " ".join(p if isinstance(p, str) else p.text for p in parts
+                            if isinstance(p, str) or p.type == "text").strip()
+        if not question:
+            raise APIError(400, "the last user message has no text (the question)", f"messages[{users[-1]}].content")
+        images = [(i, j, p) for i, m in enumerate(body.messages) if not isinstance(m.content, str)
+                  for j, p in enumerate(m.content) if p.type == "image_url"]
+        if len(images) != 1:
+            raise APIError(400, f"this model answers questions about exactly one image; the messages hold "
+                                f"{len(images)} image_url parts", "messages")
+        i, j, part = images[0]
+        param = f"messages[{i}].content[{j}].image_url.url"
+        image = await asyncio.to_thread(_read_data_url, part.image_url.url, param, config.max_image_pixels)
+        max_new = body.max_completion_tokens or body.max_tokens or pipe.defaults.max_new_tokens
+        if max_new > config.max_new_tokens:
+            raise APIError(400, f"max_tokens must be at most {config.max_new_tokens}, got {max_new}", "max_tokens")
+        try:
+            req = await asyncio.to_thread(pipe.chat_request, image, question, max_new, None, body.temperature,
+                                          body.top_k, body.top_p, body.seed or 0)
+        except InputError as e:
+            raise APIError(400, str(e), param) from None
+        if len(req.prompt) + req.steps() > min(ctx, state.batcher.max_len):
+            room = min(ctx, state.batcher.max_len) - len(req.prompt)
+            raise APIError(400, f"the prompt takes {len(req.prompt)} tokens: max_tokens can be at most {room} in "
+                                f"a context of {min(ctx, state.batcher.max_len)}", "max_tokens")
+        watch = Watch(every_token=body.stream)
+        (ticket,) = submit_all([req], body, "messages", watch.on_token, watch.on_done)
+        cid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+        usage = lambda: {"prompt_tokens": int(len(req.prompt)), "completion_tokens": len(ticket.tokens),
+                         "total_tokens": int(len(req.prompt)) + len(ticket.tokens)}
+        finish_reason = lambda: "stop" if ticket.status == "finished" else "length"
+
+        if not body.stream:
+            async for _ in watch.events([ticket], request):
+                pass
+            if watch.disconnected:
+                raise APIError(499, "the client disconnected", kind="cancelled")
+            err = ended_error(ticket)
+            if err is not None:
+                raise err
+            return {"id": cid, "object": "chat.completion", "created": created, "model": config.model_name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": pipe.answer(ticket.result()
+                                                                                                     .tokens)},
+                                 "finish_reason": finish_reason(), "logprobs": None}],
+                    "usage": usage()}
+
+        def chunk(delta: dict, reason: str | None = None) -> bytes:
+            return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": config.model_name,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]})
+
+        async def stream():
+            sent = ""
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                async for kind, t, _ in watch.events([ticket], request):
+                    if kind == "token":
+                        text = pipe.tokenizer.decode(np.asarray(t.tokens[:]), skip_special_tokens=True).lstrip()
+                        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next bytes
+                            continue
+                        if text.startswith(sent) and len(text) > len(sent):
+                            yield chunk({"content": text[len(sent):]})
+                            sent = text
+                    else:
+                        err = ended_error(ticket)
+                        if err is not None:
+                            yield sse({"error": {"message": err.message, "type": err.kind, "code": err.code}})
+                        else:
+                            yield chunk({}, finish_reason())
+                            if (body.stream_options or {}).get("include_usage"):
+                                yield sse({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                           "model": config.model_name, "choices": [], "usage": usage()})
+                yield sse("[DONE]")
+            finally:
+                if not ticket._done.is_set():
+                    state.batcher.cancel(ticket)
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/tokens/generations")
+    async def tokens(body: TokensBody, request: HTTPRequest):
+        for name in ("prompt", "negative_prompt", "stop", "allowed"):
+            ids = getattr(body, name)
+            if ids is not None:
+                bad = [k for k, x in enumerate(ids) if not 0 <= x < v.size]
+                if bad:
+                    raise APIError(400, f"{name}[{bad[0]}] = {ids[bad[0]]} is not a token id in [0, {v.size})", name)
+        if body.cfg_scale != 1 and body.negative_prompt is None:
+            raise APIError(400, f"cfg_scale {body.cfg_scale} needs a negative_prompt", "negative_prompt")
+        if body.image is not None:
+            h, w = body.image
+            if h < 1 or w < 1:
+                raise APIError(400, f"image must be a positive grid [h, w], got {list(body.image)}", "image")
+            template, steps = image_template(v, h, w), None
+        else:
+            template, steps = None, body.max_new_tokens
+            if steps > config.max_new_tokens:
+                raise APIError(400, f"max_new_tokens must be at most {config.max_new_tokens}", "max_new_tokens")
+        try:
+            req = Request(np.asarray(body.prompt, np.int64), template, max_new_tokens=steps or 1,
+                          negative=None if body.negative_prompt is None else np.asarray(body.negative_prompt, np.int64),
+                          cfg_scale=body.cfg_scale, visual=Sampling(body.temperature, body.top_k, body.top_p),
+                          text=Sampling(body.text_temperature, body.top_k, body.top_p), seed=body.seed,
+                          allowed=None if body.allowed is None else np.asarray(body.allowed, np.int64),
+                          stop=None if body.stop is None else tuple(body.stop))
+        except InputError as e:
+            raise APIError(400, str(e)) from None
+        longest = max(len(req.prompt), len(req.negative) if req.negative is not None else 0)
+        if longest + req.steps() > min(ctx, state.batcher.max_len):
+            raise APIError(400, f"prompt ({longest} tokens) + {req.steps()} generated tokens is more than the "
+                                f"context of {min(ctx, state.batcher.max_len)}",
+                           "image" if body.image is not None else "max_new_tokens")
+        watch = Watch()
+        (ticket,) = submit_all([req], body, "prompt", None, watch.on_done)
+        async for _ in watch.events([ticket], request):
+            pass
+        if watch.disconnected:
+            raise APIError(499, "the client disconnected", kind="cancelled")
+        err = ended_error(ticket)
+        if err is not None:
+            raise err
+        return {"ids": ticket.tokens, "finished": ticket.status == "finished",
+                "usage": {"prompt_tokens": int(len(req.prompt)), "completion_tokens": len(ticket.tokens)}}
+
+    return _Gate(app, state)
+
+
+def _read_data_url(url: str, param: str, max_pixels: int):
+    """A base64 data URL -> RGB PIL image, refused before decoding if its format or declared size is wrong."""
+    m = re.match(r"data:([\w/+.-]*)(;[^,]*)?,", url[:200])
+    if not m:
+        raise APIError(400, "image_url must be a data URL (data:image/png;base64,...); this server fetches nothing "
+                            "from the network", param)
+    if "base64" not in (m.group(2) or ""):
+        raise APIError(400, "the image data URL must be base64-encoded", param)
+    try:
+        data = base64.b64decode(url[m.end():], validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, "the image data URL is not valid base64", param) from None
+    try:
+        return media.read_image_bytes(data, "image_url", max_pixels, IMAGE_FORMATS)
+    except InputError as e:
+        raise APIError(400, str(e), param) from None
+
+
+def _encode_video(frames: np.ndarray, fps: float, fmt: str) -> bytes:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / f"video.{fmt}"
+        media.write_video(path, frames, fps)
+        return path.read_bytes()
+
+
+# --------------------------------------------------------------------------------------------
+# Running it
+
+
+def serve(pipe: Emu3, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
+          log_level: str = "info") -> None:
+    """Serve until SIGTERM/SIGINT, then drain: 503 for new requests, running ones finish, exit."""
+    import uvicorn
+
+    config = config or ServeConfig()
+    gate = create_app(pipe, config)
+    state = gate.state
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if state.draining:  # a second signal: stop now
+                self.force_exit = True
+                return super().handle_exit(sig, frame)
+            state.draining = True
+            state.batcher.close()
+            threading.Thread(target=self._drain, args=(sig,), daemon=True).start()
+
+        def _drain(self, sig):
+            end = time.monotonic() + config.drain_timeout
+            while not state.batcher.idle and time.monotonic() < end:
+                time.sleep(0.05)
+            time.sleep(0.2)  # the last responses leave the event loop
+            self.should_exit = True  # (not handle_exit: uvicorn would re-raise the signal and exit with -15)
+
+    server = DrainingServer(uvicorn.Config(gate, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=max(1, int(math.ceil(config.drain_timeout)))))
+    server.run()
+

@@ -1,0 +1,408 @@
+"""The HTTP server, through a real HTTP client against a real uvicorn server (a thread, or `emu3 serve`)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from emu3.generate import Engine, Request, Sampling, image_template
+from emu3.pipeline import Emu3
+from tests.conftest import scene
+
+uvicorn = pytest.importorskip("uvicorn")
+from emu3.server import ServeConfig, create_app  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Running:
+    def __init__(self, app, port):
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def emu(model_folder):
+    return Emu3.from_pretrained(model_folder)
+
+
+@pytest.fixture(scope="module")
+def server(emu):
+    r = Running(create_app(emu, ServeConfig(model_name="tiny", max_rows=6, max_queue=8, max_body_bytes=2**20,
+                                            max_image_pixels=512 * 512)), free_port())
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def png_bytes(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def huge_png() -> bytes:
+    """A PNG whose header declares 100000 x 100000 pixels (and holds almost nothing)."""
+    raw = bytearray(png_bytes(np.zeros((4, 4, 3), np.uint8)))
+    ihdr = raw.index(b"IHDR")
+    raw[ihdr + 4:ihdr + 12] = struct.pack(">II", 100_000, 100_000)
+    raw[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(raw[ihdr:ihdr + 17])))
+    return bytes(raw)
+
+
+def chat_body(image: bytes, question: str = "what is this?", **kw) -> dict:
+    return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
+                                                      {"type": "text", "text": question}]}], **kw}
+
+
+def sse_events(resp) -> list:
+    out = []
+    for line in resp.iter_lines():
+        if line.startswith("data: "):
+            payload = line[6:]
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def test_images_match_the_library_and_seeds_are_reproducible(client, emu):
+    r = client.post("/v1/images/generations", json={"prompt": "a red circle", "n": 2, "seed": 10})
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert [d["seed"] for d in data] == [10, 11]
+    images = [np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"])))) for d in data]
+    ref = emu.generate_images(["a red circle"], n=2, seed=10)
+    for img, g in zip(images, ref):
+        assert img.shape == (32, 32, 3) and np.array_equal(img, g.pixels)
+    wide = client.post("/v1/images/generations", json={"prompt": "x", "size": "48x24", "seed": 1}).json()["data"][0]
+    assert Image.open(io.BytesIO(base64.b64decode(wide["b64_json"]))).size == (48, 24)
+
+
+def test_same_seed_same_image_whatever_else_is_in_the_batch(client, server):
+    body = {"prompt": "two blue squares", "seed": 7, "cfg_scale": 3.0}
+    alone = client.post("/v1/images/generations", json=body).json()["data"][0]["b64_json"]
+    results = {}
+
+    def other(i):
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            results[i] = c.post("/v1/images/generations", json={"prompt": f"noise {i} " * (i + 1), "seed": i,
+                                                                 "n": 1 + i % 2}).status_code
+
+    threads = [threading.Thread(target=other, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    busy = client.post("/v1/images/generations", json=body).json()["data"][0]["b64_json"]
+    for t in threads:
+        t.join(60)
+    assert busy == alone and set(results.values()) == {200}
+
+
+def test_image_progress_stream(client):
+    with client.stream("POST", "/v1/images/generations",
+                       json={"prompt": "a circle", "seed": 3, "stream": True, "preview": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1] == "[DONE]" and events[0]["type"] == "started"
+    progress = [e for e in events[1:-1] if e["type"] == "progress"]
+    assert [e["rows_done"] for e in progress] == list(range(1, 9)) and progress[-1]["rows_total"] == 8
+    last_preview = Image.open(io.BytesIO(base64.b64decode(progress[-1]["preview"])))
+    assert last_preview.size == (32, 32)
+    first_preview = Image.open(io.BytesIO(base64.b64decode(progress[0]["preview"])))
+    assert first_preview.size == (32, 4)  # one row of codes, 4 pixels high
+    image = [e for e in events if isinstance(e, dict) and e["type"] == "image"]
+    full = client.post("/v1/images/generations", json={"prompt": "a circle", "seed": 3}).json()["data"][0]
+    assert image[0]["b64_json"] == full["b64_json"]
+
+
+def test_chat_plain_and_streamed_equal_the_library(client, emu):
+    pixels = scene(40, 40)
+    want = emu.chat(Image.fromarray(pixels), "what is this?", max_new_tokens=8)
+    r = client.post("/v1/chat/completions", json=chat_body(png_bytes(pixels), max_tokens=8))
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["object"] == "chat.completion" and out["choices"][0]["message"]["content"] == want
+    assert out["choices"][0]["finish_reason"] in ("stop", "length") and out["usage"]["completion_tokens"] <= 8
+    with client.stream("POST", "/v1/chat/completions",
+                       json=chat_body(png_bytes(pixels), max_tokens=8, stream=True,
+                                      stream_options={"include_usage": True})) as r:
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1] if e["choices"])
+    assert text.strip() == want
+    assert events[-2]["usage"]["completion_tokens"] == out["usage"]["completion_tokens"]
+
+
+def test_tokens_endpoint_equals_the_engine(client, emu):
+    v = emu.vocab
+    prompt = [v.bos, 5, 6, 7]
+    r = client.post("/v1/tokens/generations", json={"prompt": prompt, "image": [2, 3], "seed": 4, "top_k": 5})
+    assert r.status_code == 200, r.text
+    req = Request(np.array(prompt), image_template(v, 2, 3), visual=Sampling(1.0, 5, 1.0), seed=4)
+    (ref,) = Engine(emu.model, v).generate([req])
+    assert r.json()["ids"] == ref.tokens.tolist() and r.json()["finished"]
+    models = client.get("/v1/models").json()["data"][0]
+    assert models["id"] == "tiny" and models["vocab_size"] == v.size and models["visual_offset"] == v.visual_offset
+
+
+def test_video_endpoint_returns_a_playable_file(client, tmp_path):
+    r = client.post("/v1/videos/generations", json={"prompt": "rolling", "frames": 2, "seed": 1, "format": "mp4"})
+    assert r.status_code == 200, r.text
+    d = r.json()["data"][0]
+    path = tmp_path / "v.mp4"
+    path.write_bytes(base64.b64decode(d["b64_json"]))
+    from emu3.media import read_video
+
+    video = read_video(path)
+    assert video.frames.shape[0] == d["frames"] and video.frames.shape[1:3] == (32, 32)
+
+
+BAD = [
+    ("/v1/images/generations", b'{"prompt": "x",', 400, None, "not valid JSON"),
+    ("/v1/images/generations", {"n": 1}, 400, "prompt", "missing"),
+    ("/v1/images/generations", {"prompt": "   "}, 400, "prompt", "empty"),
+    ("/v1/images/generations", {"prompt": 3}, 400, "prompt", "string"),
+    ("/v1/images/generations", {"prompt": "x", "n": "2"}, 400, "n", "integer"),
+    ("/v1/images/generations", {"prompt": "x", "n": 0}, 400, "n", "greater than or equal to 1"),
+    ("/v1/images/generations", {"prompt": "x", "n": 9}, 400, "n", "at most 8"),
+    ("/v1/images/generations", b'{"prompt": "x", "cfg_scale": NaN}', 400, "cfg_scale", "finite"),
+    ("/v1/images/generations", {"prompt": "x", "temperature": -1}, 400, "temperature", "greater than or equal"),
+    ("/v1/images/generations", {"prompt": "x", "top_p": 1.5}, 400, "top_p", "less than or equal to 1"),
+    ("/v1/images/generations", {"prompt": "x", "seed": -3}, 400, "seed", "greater than or equal to 0"),
+    ("/v1/images/generations", {"prompt": "x", "size": "33x32"}, 400, "size", "multiples of 4"),
+    ("/v1/images/generations", {"prompt": "x", "size": "4000x4000"}, 400, "size", "context of 4096"),
+    ("/v1/images/generations", {"prompt": "x", "aspect_ratio": "wide"}, 400, "aspect_ratio", "W:H"),
+    ("/v1/images/generations", {"prompt": "x", "response_format": "url"}, 400, "response_format", "b64_json"),
+    ("/v1/images/generations", {"prompt": "x", "quality": "hd"}, 400, "quality", "Extra inputs"),
+    ("/v1/tokens/generations", {"prompt": [1, 10**9]}, 400, "prompt", "prompt[1] = 1000000000 is not a token id"),
+    ("/v1/tokens/generations", {"prompt": []}, 400, "prompt", "at least 1"),
+    ("/v1/tokens/generations", {"prompt": [1], "max_new_tokens": 4096}, 400, "max_new_tokens", "context of 4096"),
+    ("/v1/tokens/generations", {"prompt": [1], "cfg_scale": 2.0}, 400, "negative_prompt", "needs a negative"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages", "at least 1"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", "'user'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, 400, "messages", "exactly one image"),
+    ("/v1/videos/generations", {"prompt": "x", "frames": 0}, 400, "frames", "greater than or equal to 1"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param,message", BAD, ids=[f"{b[3]}-{b[4][:20]}" for b in BAD])
+def test_bad_input_gets_an_openai_style_400_naming_the_parameter(client, path, body, status, param, message):
+    if isinstance(body, bytes):
+        r = client.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        r = client.post(path, json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and message in err["message"] and err["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("image,message", [
+    (huge_png(), "far larger than the limit of 262144 pixels"),
+    (png_bytes(scene(32, 32))[:60], "corrupt or truncated"),
+    (b"definitely not an image", "not an image file"),
+    (png_bytes(scene(32, 32), "TIFF"), "TIFF images are not accepted"),
+], ids=["huge", "truncated", "garbage", "tiff"])
+def test_bad_images_are_refused_before_decoding(client, image, message):
+    r = client.post("/v1/chat/completions", json=chat_body(image))
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "messages[0].content[0].image_url.url" and message in err["message"]
+    r = client.post("/v1/chat/completions", json=chat_body(b"", question="q") | {"messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+                                     {"type": "text", "text": "q"}]}]})
+    assert r.status_code == 400 and "fetches nothing from the network" in r.json()["error"]["message"]
+
+
+def test_oversized_bodies_get_413(client):
+    r = client.post("/v1/images/generations", content=b'{"prompt": "' + b"x" * 2**20 + b'"}',
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "limit of 1048576 bytes" in r.json()["error"]["message"]
+
+    def chunks():  # no content-length: counted while it streams
+        for _ in range(40):
+            yield b"x" * 32768
+
+    r = client.post("/v1/images/generations", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_health_models_metrics(client):
+    assert client.get("/health").json()["status"] == "ok"
+    client.post("/v1/tokens/generations", json={"prompt": [1, 2], "max_new_tokens": 3})
+    m = client.get("/metrics").text
+    for name in ("emu3_queue_length", "emu3_running_rows", "emu3_tokens_per_second", "emu3_generated_tokens_total"):
+        assert f"\n{name} " in "\n" + m
+    assert 'emu3_http_requests_total{path="/v1/tokens/generations",status="200"}' in m
+    assert "emu3" in client.get("/").text and "<script>" in client.get("/").text
+
+
+def test_api_key(emu):
+    r = Running(create_app(emu, ServeConfig(api_key="s3cret")), free_port())
+    try:
+        with httpx.Client(base_url=r.url, timeout=30) as c:
+            assert c.get("/health").status_code == 200
+            for path in ("/v1/models", "/metrics", "/"):
+                assert c.get(path).status_code == 401
+            assert c.post("/v1/tokens/generations", json={"prompt": [1]}).status_code == 401
+            assert c.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+            assert c.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+            assert c.get("/?api_key=s3cret").status_code == 200
+    finally:
+        r.stop()
+
+
+def long_request(v, n=3000) -> dict:
+    return {"prompt": [v.bos, 5], "max_new_tokens": n, "text_temperature": 1.0, "allowed": list(range(10, 400))}
+
+
+def test_full_queue_429_health_fast_disconnect_frees_the_slot_and_deadlines(emu):
+    r = Running(create_app(emu, ServeConfig(max_rows=1, max_queue=1)), free_port())
+    v = emu.vocab
+    try:
+        with httpx.Client(base_url=r.url, timeout=60) as c:
+            # a streaming request holds the only row; the client goes away after its first event
+            with c.stream("POST", "/v1/images/generations",
+                          json={"prompt": "x", "size": "128x128", "stream": True, "cfg_scale": 1.0}) as s:
+                next(s.iter_lines())
+            deadline = time.monotonic() + 10
+            while "emu3_running_rows 0" not in c.get("/metrics").text:
+                assert time.monotonic() < deadline, "the disconnected client's row was not freed"
+                time.sleep(0.05)
+            assert 'emu3_generations_total{status="cancelled"} 1' in c.get("/metrics").text
+
+            out = {}
+
+            def hold(i):
+                with httpx.Client(base_url=r.url, timeout=60) as c2:
+                    out[i] = c2.post("/v1/tokens/generations", json=long_request(v))
+
+            t1 = threading.Thread(target=hold, args=(1,))
+            t1.start()
+            while "emu3_running_rows 1" not in c.get("/metrics").text:
+                time.sleep(0.01)
+            t2 = threading.Thread(target=hold, args=(2,))
+            t2.start()
+            while "emu3_queue_length 1" not in c.get("/metrics").text:
+                time.sleep(0.01)
+            full = c.post("/v1/tokens/generations", json={"prompt": [1], "max_new_tokens": 2})
+            assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"
+            t0 = time.perf_counter()
+            assert c.get("/health").status_code == 200
+            assert time.perf_counter() - t0 < 0.5  # health does not wait on the model
+            t1.join(60)
+            t2.join(60)
+            assert out[1].status_code == 200 and out[2].status_code == 200
+
+            late = c.post("/v1/tokens/generations", json={**long_request(v), "timeout": 0.05})
+            assert late.status_code == 504 and late.json()["error"]["code"] == "deadline_exceeded"
+    finally:
+        r.stop()
+
+
+def test_sigterm_drains_running_requests_and_refuses_new_ones(model_folder, tmp_path, emu):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "emu3.cli", "serve", "--model", str(model_folder), "--port",
+                             str(port), "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
+            time.sleep(0.1)
+        out = {}
+        t = threading.Thread(target=lambda: out.setdefault(
+            "r", httpx.post(url + "/v1/tokens/generations", json=long_request(emu.vocab), timeout=60)))
+        t.start()
+        while "emu3_running_rows 1" not in httpx.get(url + "/metrics").text:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+        refused = httpx.post(url + "/v1/tokens/generations", json={"prompt": [1], "max_new_tokens": 2})
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "server_shutting_down"
+        assert httpx.get(url + "/health").status_code == 503
+        t.join(60)
+        assert out["r"].status_code == 200 and len(out["r"].json()["ids"]) > 0
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_web_page_in_headless_chromium(server, emu, tmp_path):
+    """Type a prompt and see the image appear; upload an image and ask. A screenshot shows the image."""
+    import shutil
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser_path is None:
+        pytest.skip("no chromium on this machine (apt-get install chromium)")
+    ref = emu.generate_images(["three green triangles"], seed=5)[0].pixels
+    upload = tmp_path / "shapes.png"
+    Image.fromarray(scene(40, 40)).save(upload)
+    answer = emu.chat(Image.open(upload), "how many shapes are there?")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 640})
+            page.goto(server.url + "/")
+            page.fill("#prompt", "three green triangles")
+            page.fill("#seed", "5")
+            page.click("#go")
+            page.wait_for_selector('#image[data-done="1"]', timeout=60_000)
+            assert "done in" in page.inner_text("#status")
+            page.screenshot(path=str(tmp_path / "page.png"))
+            shot = np.asarray(Image.open(io.BytesIO(page.locator("#image").screenshot())).convert("RGB"))
+            scale = shot.shape[1] // 32  # the page shows the 32x32 image pixelated, 256 px wide
+            assert scale == 8 and abs(shot.shape[0] - 256) <= 1  # (+1: a fractional y offset)
+            centres = shot[scale // 2::scale, scale // 2::scale][:32]  # the middle of each shown pixel
+            assert np.abs(centres.astype(int) - ref.astype(int)).mean() < 3
+            page.set_input_files("#file", str(upload))
+            page.click("#ask")
+            page.wait_for_function("document.getElementById('chatstatus').textContent === 'done'",
+                                   timeout=60_000)
+            assert page.inner_text("#answer").strip() == answer
+        finally:
+            browser.close()
+    assert Image.open(tmp_path / "page.png").size == (1200, 640)
