@@ -188,3 +188,29 @@ def test_build_demo_end_to_end_and_resumable(tmp_path):
     logs.clear()
     build_demo(tmp_path / "b", vq_steps=12, lm_steps=4, counts=counts, progress=False, log=logs.append)
     assert sum("done already" in line for line in logs) == 4
+
+
+@pytest.mark.slow
+def test_build_vla_end_to_end_and_resumable(tmp_path):
+    """The VLA recipe, shortened (a random demo-preset vision tokenizer, 4 episodes, 3 steps): every
+    stage runs, the folder carries its FAST tokenizer, the policy runs closed-loop, a rerun skips all."""
+    from emu3.action import FASTTokenizer
+    from emu3.pipeline import Emu3
+    from emu3.vision import VisionTokenizer
+    from emu3.vla import Policy, evaluate
+    from emu3.world.recipe import build_vla_demo
+
+    VisionTokenizer.from_preset("demo", seed=0).save_pretrained(tmp_path / "vq")
+    logs = []
+    final = build_vla_demo(tmp_path / "b", vision=tmp_path / "vq", episodes=4, lm_steps=3, progress=False,
+                           log=logs.append)
+    recipe = json.loads((final / "RECIPE.json").read_text())
+    assert recipe["lm"]["steps"] == 3 and recipe["lm"]["vision_weight"] == 0.5 and recipe["episodes"] == 4
+    emu = Emu3.from_pretrained(final)
+    fast = FASTTokenizer.from_pretrained(final)
+    assert fast.config.vocab_size == 256 and emu.vocab.text_size >= 256
+    r = evaluate(Policy(emu, fast), 2, horizon=10)
+    assert r["episodes"] == 2 and 0 <= r["policy"] <= 1 and r["actions_per_s"] > 0
+    logs.clear()
+    build_vla_demo(tmp_path / "b", vision=tmp_path / "vq", episodes=4, lm_steps=3, progress=False, log=logs.append)
+    assert sum("done already" in line for line in logs) == 4

@@ -164,11 +164,14 @@ class FASTTokenizer:
 
     # ---- files ----
 
+    def to_dict(self) -> dict:
+        """The content of fast_tokenizer.json."""
+        return {"format": FORMAT, "version": VERSION, **asdict(self.config), "bpe": json.loads(self.bpe.to_str())}
+
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         path = Path(folder) / FILE
-        doc = {"format": FORMAT, "version": VERSION, **asdict(self.config), "bpe": json.loads(self.bpe.to_str())}
         with atomic_file(path) as tmp:
-            tmp.write_text(json.dumps(doc), encoding="utf-8")
+            tmp.write_text(json.dumps(self.to_dict()), encoding="utf-8")
         return path
 
     @classmethod

@@ -403,6 +403,13 @@ def cmd_build_demo(args) -> None:
                progress=not args.quiet)
 
 
+def cmd_build_vla(args) -> None:
+    from .world.recipe import build_vla_demo
+
+    build_vla_demo(args.output, vision=args.vision, episodes=args.episodes, lm_steps=args.lm_steps, seed=args.seed,
+                   progress=not args.quiet)
+
+
 def cmd_export(args) -> None:
     from .train.trainer import export
 
@@ -584,6 +591,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_build_demo)
+
+    p = sub.add_parser("build-vla", help="train the table-top VLA policy: FAST tokens, demonstrations, training, "
+                                         "export (OUT/emu3-vla)")
+    p.add_argument("output", metavar="OUT")
+    p.add_argument("--vision", metavar="DIR", help="vision tokenizer (default: the built-in model's)")
+    p.add_argument("--episodes", type=int, help="expert demonstrations (default 3000)")
+    p.add_argument("--lm-steps", type=int, help="default: the vla preset's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_build_vla)
 
     p = sub.add_parser("convert", help="rewrite a model folder in the released or transformers (-hf) layout")
     p.add_argument("input", metavar="DIR")

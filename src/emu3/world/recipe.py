@@ -17,6 +17,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 MIX = {"images": 0.55, "qa": 0.25, "videos": 0.12, "stories": 0.08}
@@ -97,9 +98,11 @@ def _step_minutes(run: Path) -> float:
 
 
 def package(out: str | os.PathLike, dest: str | os.PathLike, recipe: dict | None = None,
-            checkpoint: str | os.PathLike | None = None) -> Path:
+            checkpoint: str | os.PathLike | None = None, vision: str | os.PathLike | None = None,
+            extra: dict | None = None) -> Path:
     """The model folder the package ships: a build's LM checkpoint (default: the newest) in 16-bit
-    floats with its text and vision tokenizers, DEFAULTS and, when given, the recipe."""
+    floats with its text and vision tokenizers (default: the build's own, OUT/vq/tokenizer), DEFAULTS,
+    the recipe when given, and `extra` files (name -> JSON)."""
     import tempfile
 
     from ..checkpoint import load_model, save_model
@@ -111,11 +114,100 @@ def package(out: str | os.PathLike, dest: str | os.PathLike, recipe: dict | None
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         export(out / "lm", Path(tmp) / "fp32", checkpoint=checkpoint)
         model = load_model(Path(tmp) / "fp32").half()
-    vq16 = VisionTokenizer.from_pretrained(out / "vq" / "tokenizer")
+    vq16 = VisionTokenizer.from_pretrained(vision or out / "vq" / "tokenizer")
     vq16.model.half()
     extra = {"vision_tokenizer": {"preprocessor_config.json": vq16.processor.to_dict()},
-             "emu3_defaults.json": DEFAULTS}
+             "emu3_defaults.json": DEFAULTS, **(extra or {})}
     if recipe is not None:
         extra["RECIPE.json"] = recipe
     save_model(model, dest, tokenizer=TextTokenizer.from_pretrained(out / "text"), vq=vq16.model, extra_files=extra)
     return Path(dest)
+
+
+# --------------------------------------------------------------------------------------------
+# The VLA policy (issue: vision-language-action)
+
+VLA_EPISODES = 3000  # expert demonstrations (about 21 steps each, one two-frame window per step)
+VLA_FAST_VOCAB = 256  # FAST tokens, on the last 256 text ids
+VLA_BPE = 384  # text BPE over the instructions (plus the reserved action ids)
+VLA_CHUNK = 5  # actions per chunk
+
+
+def instructions(seed: int = 0, n: int = 4000) -> list[str]:
+    """The instructions of n seeded tables (the text the policy reads)."""
+    from .table import TableEnv
+
+    return [TableEnv(seed * 1_000_003 + 500_000 + i).instruction for i in range(n)]
+
+
+def build_vla_demo(out: str, vision: str | os.PathLike | None = None, episodes: int | None = None,
+                   lm_steps: int | None = None, seed: int = 0, progress: bool = True, log=print) -> Path:
+    """`emu3 build-vla OUT`: text BPE with room for FAST tokens, FAST fitted on expert chunks,
+    demonstrations as token shards, the `vla` training stage, export with fast_tokenizer.json.
+    The vision tokenizer is the built-in model's (or `vision`); every stage resumes."""
+    from ..action import ActionIds, FASTTokenizer
+    from ..assets import builtin_model
+    from ..errors import InputError
+    from ..tokenizer import TextTokenizer
+    from ..train.config import make_config
+    from ..train.trainer import train
+    from ..vision import VisionTokenizer
+    from .build import build_vla, vla_windows
+    from .table import record
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if vision is None:
+        if builtin_model() is None:
+            raise InputError("build-vla needs a vision tokenizer: --vision DIR (the built-in model is not installed)")
+        vision = builtin_model() / "vision_tokenizer"
+    episodes = episodes or VLA_EPISODES
+    times = json.loads((out / "times.json").read_text()) if (out / "times.json").exists() else {}
+
+    def stage(name, done, fn):
+        if done():
+            log(f"{name}: done already")
+            return
+        t0 = time.time()
+        fn()
+        times[name] = times.get(name, 0.0) + time.time() - t0
+        (out / "times.json").write_text(json.dumps(times, indent=1))
+        log(f"{name}: {times[name] / 60:.1f} min")
+
+    vq = VisionTokenizer.from_pretrained(vision, frame_batch=64)
+    codebook = vq.model.config.codebook_size
+    stage("text tokenizer", lambda: (out / "text" / "tokenizer.json").exists(),
+          lambda: TextTokenizer.train(instructions(seed), VLA_BPE, codebook, min_frequency=2,
+                                      reserved=VLA_FAST_VOCAB).save_pretrained(out / "text"))
+
+    def fit_fast():
+        chunks = [frames[0][1] for i in range(400) for frames in
+                  vla_windows(record(seed * 1_000_003 + 900_000 + i), VLA_CHUNK, 1)]
+        FASTTokenizer.fit(np.stack(chunks), scale=10.0, vocab_size=VLA_FAST_VOCAB).save_pretrained(out / "fast")
+
+    stage("FAST tokenizer", lambda: (out / "fast" / "fast_tokenizer.json").exists(), fit_fast)
+    text = TextTokenizer.from_pretrained(out / "text")
+    fast = FASTTokenizer.from_pretrained(out / "fast")
+    actions = ActionIds(text.vocab.text_size, fast.config.vocab_size)
+    stage("demonstrations", lambda: (out / "data" / "index.json").exists(),
+          lambda: build_vla(out / "data", vq, text, fast, actions, episodes, seed, chunk=VLA_CHUNK,
+                            progress=progress))
+    overrides = {"data": f"{out / 'data'}:1.0", "text_tokenizer": str(out / "text"), "out": str(out / "lm"),
+                 "seed": seed}
+    if lm_steps:
+        base = make_config("vla", {})
+        overrides.update(steps=lm_steps, warmup=base.warmup * lm_steps // base.steps,
+                         save_every=max(1, base.save_every * lm_steps // base.steps))
+    cfg = make_config("vla", overrides)
+    stage("language model", lambda: (out / "lm" / f"ckpt-{cfg.steps:08d}" / "COMMITTED").exists(),
+          lambda: train(cfg, progress))
+    recipe = {"seed": seed, "vision_tokenizer": str(vision), "episodes": episodes, "bpe_size": VLA_BPE,
+              "fast": {"vocab_size": VLA_FAST_VOCAB, "scale": 10.0, "chunk": VLA_CHUNK},
+              "lm": json.loads((out / "lm" / "config.json").read_text()),
+              "stage_minutes": {k: round(v / 60, 1) for k, v in times.items()},
+              "step_minutes": {"language model": _step_minutes(out / "lm")}, "torch": torch.__version__,
+              "command": f"emu3 build-vla {out}" + (f" --episodes {episodes}" if episodes != VLA_EPISODES else "")
+                         + (f" --lm-steps {lm_steps}" if lm_steps else "")}
+    final = package(out, out / "emu3-vla", recipe, vision=vision, extra={"fast_tokenizer.json": fast.to_dict()})
+    log(f"wrote {final}")
+    return final
