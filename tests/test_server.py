@@ -305,6 +305,15 @@ def test_full_queue_429_health_fast_disconnect_frees_the_slot_and_deadlines(emu)
                 assert time.monotonic() < deadline, "the disconnected client's row was not freed"
                 time.sleep(0.05)
             assert 'emu3_generations_total{status="cancelled"} 1' in c.get("/metrics").text
+            # the same for a plain request whose rows keep arriving while its client is gone
+            with pytest.raises(httpx.ReadTimeout):
+                c.post("/v1/images/generations", json={"prompt": "x", "size": "240x240", "cfg_scale": 1.0},
+                       timeout=0.5)
+            deadline = time.monotonic() + 10
+            while 'emu3_generations_total{status="cancelled"} 2' not in c.get("/metrics").text:
+                assert time.monotonic() < deadline, "the plain request's row was not freed"
+                time.sleep(0.05)
+            assert "emu3_running_rows 0" in c.get("/metrics").text
 
             out = {}
 

@@ -400,14 +400,19 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None) -> FastAPI:
         async def events(self, tickets: list[Ticket], request: HTTPRequest | None):
             """Yield events until every ticket ended; a disconnected client cancels them all."""
             open_ = len(tickets)
+            checked = self.loop.time()
             try:
                 while open_:
                     try:
                         ev = await asyncio.wait_for(self.queue.get(), 0.25)
                     except asyncio.TimeoutError:
-                        if request is not None and await request.is_disconnected():
+                        ev = None
+                    if request is not None and self.loop.time() - checked >= 0.25:  # even while events flow
+                        checked = self.loop.time()
+                        if await request.is_disconnected():
                             self.disconnected = True
                             break
+                    if ev is None:
                         continue
                     if ev[0] == "done":
                         open_ -= 1
