@@ -218,6 +218,10 @@ BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", "'user'"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, 400, "messages", "exactly one image"),
     ("/v1/videos/generations", {"prompt": "x", "frames": 0}, 400, "frames", "greater than or equal to 1"),
+    ("/v1/chat/completions", chat_body(png_bytes(scene(32, 32)), max_tokens=4090), 400, "max_tokens",
+     "max_tokens can be at most"),
+    ("/v1/chat/completions", chat_body(png_bytes(scene(32, 32)), "why " * 5000), 400, "messages[0].content",
+     "more than the context of 4096"),
 ]
 
 

@@ -651,8 +651,12 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None) -> FastAPI:
                                           body.top_k, body.top_p, body.seed or 0)
         except InputError as e:
             raise APIError(400, str(e), param) from None
-        if len(req.prompt) + req.steps() > min(ctx, state.batcher.max_len):
-            room = min(ctx, state.batcher.max_len) - len(req.prompt)
+        limit = min(ctx, state.batcher.max_len)
+        if len(req.prompt) >= limit:
+            raise APIError(400, f"the prompt (image and question) takes {len(req.prompt)} tokens, more than the "
+                                f"context of {limit}", f"messages[{users[-1]}].content")
+        if len(req.prompt) + req.steps() > limit:
+            room = limit - len(req.prompt)
             raise APIError(400, f"the prompt takes {len(req.prompt)} tokens: max_tokens can be at most {room} in "
                                 f"a context of {min(ctx, state.batcher.max_len)}", "max_tokens")
         watch = Watch(every_token=body.stream)
