@@ -302,13 +302,13 @@ def test_full_queue_429_health_fast_disconnect_frees_the_slot_and_deadlines(emu)
         with httpx.Client(base_url=r.url, timeout=60) as c:
             # a streaming request holds the only row; the client goes away after its first event
             with c.stream("POST", "/v1/images/generations",
-                          json={"prompt": "x", "size": "128x128", "stream": True, "cfg_scale": 1.0}) as s:
+                          json={"prompt": "x", "size": "240x240", "stream": True, "cfg_scale": 1.0}) as s:
                 next(s.iter_lines())
             deadline = time.monotonic() + 10
-            while "emu3_running_rows 0" not in c.get("/metrics").text:
-                assert time.monotonic() < deadline, "the disconnected client's row was not freed"
+            while 'emu3_generations_total{status="cancelled"} 1' not in (m := c.get("/metrics").text):
+                assert time.monotonic() < deadline, f"the disconnected client's row was not freed:\n{m}"
                 time.sleep(0.05)
-            assert 'emu3_generations_total{status="cancelled"} 1' in c.get("/metrics").text
+            assert "emu3_running_rows 0" in c.get("/metrics").text
             # the same for a plain request whose rows keep arriving while its client is gone
             with pytest.raises(httpx.ReadTimeout):
                 c.post("/v1/images/generations", json={"prompt": "x", "size": "240x240", "cfg_scale": 1.0},
@@ -334,16 +334,17 @@ def test_full_queue_429_health_fast_disconnect_frees_the_slot_and_deadlines(emu)
             while "emu3_queue_length 1" not in c.get("/metrics").text:
                 time.sleep(0.01)
             full = c.post("/v1/tokens/generations", json={"prompt": [1], "max_new_tokens": 2})
-            assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"
+            assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full", (full.text,
+                                                                                             c.get("/metrics").text)
             t0 = time.perf_counter()
             assert c.get("/health").status_code == 200
             assert time.perf_counter() - t0 < 0.5  # health does not wait on the model
             t1.join(60)
             t2.join(60)
-            assert out[1].status_code == 200 and out[2].status_code == 200
+            assert out[1].status_code == 200 and out[2].status_code == 200, (out[1].text, out[2].text)
 
             late = c.post("/v1/tokens/generations", json={**long_request(v), "timeout": 0.05})
-            assert late.status_code == 504 and late.json()["error"]["code"] == "deadline_exceeded"
+            assert late.status_code == 504 and late.json()["error"]["code"] == "deadline_exceeded", late.text
     finally:
         r.stop()
 

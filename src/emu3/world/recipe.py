@@ -23,7 +23,7 @@ import torch
 MIX = {"images": 0.55, "qa": 0.25, "videos": 0.12, "stories": 0.08}
 COUNTS = {"images": 100_000, "qa": 50_000, "videos": 8000, "stories": 6000}
 BPE_SIZE = 768
-DEFAULTS = {"positive_suffix": "", "negative_prompt": "", "cfg_scale": 3.0, "image_top_k": 64,
+DEFAULTS = {"positive_suffix": "", "negative_prompt": "", "cfg_scale": 3.0, "image_top_k": 16,
             "image_temperature": 1.0, "text_temperature": 0.0, "max_new_tokens": 16, "video_fps": 8.0}
 
 
