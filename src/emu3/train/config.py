@@ -137,6 +137,8 @@ STAGES: dict[str, dict] = {
 STAGES["demo"] = dict(model="demo", seq_len=512, batch_size=16, steps=2400, lr=1e-3, min_lr=5e-5, warmup=100,
                       dropout=0.0, vision_weight=1.0, caption_after=0.15, drop_caption=0.1, video_extension=0.5,
                       weight_decay=0.1, grad_clip=1.0, save_every=100, keep_last=2)
+# Part 2 of the built-in model: from part 1's weights (recipe sets model=), the same data again.
+STAGES["demo-2"] = {**STAGES["demo"], "steps": 3000, "lr": 4e-4, "min_lr": 2e-5, "warmup": 50}
 # The built-in VLA policy (emu3.world.recipe.build_vla_demo sets its data): expert demonstrations of the
 # table-top task as two-frame windows; vision weighs 0.5 and actions 1.0, as in the paper.
 STAGES["vla"] = dict(model="demo", seq_len=512, batch_size=16, steps=1500, lr=1e-3, min_lr=5e-5, warmup=100,

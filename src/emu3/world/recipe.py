@@ -3,7 +3,9 @@
 1. `train-vq demo`: the vision tokenizer, on world images and 16-frame clips;
 2. a byte-level BPE trained on the world's captions, questions and stories;
 3. token shards: captioned images, QA, videos and stories (emu3.world.build);
-4. `train demo`: the language model on their mixture (weights below);
+4. `train demo`: the language model on their mixture (weights below), then `train demo-2`: the same
+   mixture again from those weights with a fresh warm-up and cosine (part 2 was added when part 1's
+   2,400 steps proved too few; the model ships from part 2);
 5. export (16-bit floats), `emu3_defaults.json`, `RECIPE.json` (every setting and seed), evaluation.
 
 Every stage leaves its output under OUT and is skipped when it is already there, so a stopped run
@@ -31,7 +33,7 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
                seed: int = 0, progress: bool = True, log=print) -> Path:
     from ..tokenizer import TextTokenizer
     from ..train.config import make_config
-    from ..train.trainer import train
+    from ..train.trainer import export, train
     from ..train.vq import make_vq_config, train_vq
     from ..vision import VisionTokenizer
     from .build import build, corpus
@@ -75,15 +77,28 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
     lm_cfg = make_config("demo", overrides)
     stage("language model", lambda: (out / "lm" / f"ckpt-{lm_cfg.steps:08d}" / "COMMITTED").exists(),
           lambda: train(lm_cfg, progress))
+    # part 2: the same mixture again from part 1's weights, with a fresh warm-up and cosine
+    stage("language model export", lambda: (out / "lm-part1" / "config.json").exists(),
+          lambda: export(out / "lm", out / "lm-part1"))
+    overrides2 = {**overrides, "out": str(out / "lm2"), "model": str(out / "lm-part1"), "seed": seed + 1}
+    if lm_steps:
+        stage_lm2 = make_config("demo-2", {})
+        overrides2.update(steps=lm_steps, warmup=stage_lm2.warmup * lm_steps // stage_lm2.steps,
+                          save_every=max(1, stage_lm2.save_every * lm_steps // stage_lm2.steps))
+    lm2_cfg = make_config("demo-2", overrides2)
+    stage("language model, part 2", lambda: (out / "lm2" / f"ckpt-{lm2_cfg.steps:08d}" / "COMMITTED").exists(),
+          lambda: train(lm2_cfg, progress))
     recipe = {"seed": seed, "vq": json.loads((out / "vq" / "config.json").read_text()), "bpe_size": BPE_SIZE,
               "dataset_counts": counts, "mix": MIX, "lm": json.loads((out / "lm" / "config.json").read_text()),
+              "lm_part2": json.loads((out / "lm2" / "config.json").read_text()),
               "stage_minutes": {k: round(v / 60, 1) for k, v in times.items()},
               "step_minutes": {"vision tokenizer": _step_minutes(out / "vq"),
-                               "language model": _step_minutes(out / "lm")},
+                               "language model": _step_minutes(out / "lm"),
+                               "language model, part 2": _step_minutes(out / "lm2")},
               "torch": torch.__version__,
               "command": f"emu3 build-demo {out}" + (f" --vq-steps {vq_steps}" if vq_steps else "")
                          + (f" --lm-steps {lm_steps}" if lm_steps else "")}
-    final = package(out, out / "emu3-demo", recipe)
+    final = package(out, out / "emu3-demo", recipe, lm="lm2")
     log(f"wrote {final}")
     return final
 
@@ -99,7 +114,7 @@ def _step_minutes(run: Path) -> float:
 
 def package(out: str | os.PathLike, dest: str | os.PathLike, recipe: dict | None = None,
             checkpoint: str | os.PathLike | None = None, vision: str | os.PathLike | None = None,
-            extra: dict | None = None) -> Path:
+            extra: dict | None = None, lm: str = "lm") -> Path:
     """The model folder the package ships: a build's LM checkpoint (default: the newest) in 16-bit
     floats with its text and vision tokenizers (default: the build's own, OUT/vq/tokenizer), DEFAULTS,
     the recipe when given, and `extra` files (name -> JSON)."""
@@ -112,7 +127,7 @@ def package(out: str | os.PathLike, dest: str | os.PathLike, recipe: dict | None
 
     out = Path(out)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        export(out / "lm", Path(tmp) / "fp32", checkpoint=checkpoint)
+        export(out / lm, Path(tmp) / "fp32", checkpoint=checkpoint)
         model = load_model(Path(tmp) / "fp32").half()
     vq16 = VisionTokenizer.from_pretrained(vision or out / "vq" / "tokenizer")
     vq16.model.half()
@@ -204,6 +219,7 @@ def build_vla_demo(out: str, vision: str | os.PathLike | None = None, episodes: 
     recipe = {"seed": seed, "vision_tokenizer": str(vision), "episodes": episodes, "bpe_size": VLA_BPE,
               "fast": {"vocab_size": VLA_FAST_VOCAB, "scale": 10.0, "chunk": VLA_CHUNK},
               "lm": json.loads((out / "lm" / "config.json").read_text()),
+              "lm_part2": json.loads((out / "lm2" / "config.json").read_text()),
               "stage_minutes": {k: round(v / 60, 1) for k, v in times.items()},
               "step_minutes": {"language model": _step_minutes(out / "lm")}, "torch": torch.__version__,
               "command": f"emu3 build-vla {out}" + (f" --episodes {episodes}" if episodes != VLA_EPISODES else "")
