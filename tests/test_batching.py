@@ -158,3 +158,17 @@ def test_worker_thread_serves_concurrent_submitters(lm, fmt):
     b.stop(10)
     for t, ref in zip(tickets, alone):
         assert t.ended_ok and np.array_equal(t.result().tokens, ref.tokens)
+
+
+def test_calls_run_on_the_worker_thread_between_steps(lm, fmt):
+    b = Batcher(Engine(lm))
+    b.start()
+    try:
+        assert b.call(threading.current_thread).result(10) is b._thread
+        assert b.call(lambda x: x * 2, 21).result(10) == 42
+        with pytest.raises(ZeroDivisionError):
+            b.call(lambda: 1 / 0).result(10)
+        t = b.submit(mixed_requests(fmt)[2])
+        assert b.call(len, [1, 2]).result(10) == 2 and t.wait(60) and t.ended_ok
+    finally:
+        b.stop(10)

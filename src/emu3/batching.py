@@ -14,8 +14,11 @@ Unusual choices:
 - new prompts are prefilled right-padded straight into their slots inside the step loop (one prefill
   forward plus one decode forward in a step where requests arrive);
 - the queue is bounded: `submit` raises `QueueFull` instead of letting latency grow without limit;
-- thread model: any thread may `submit` and `cancel`; one worker thread runs `step` (`start`), and
-  per-token callbacks run on it, so they must be quick (a server hands tokens to its event loop).
+- thread model: any thread may `submit` and `cancel`; one worker thread runs `step` (`start` or `run`),
+  and per-token callbacks run on it, so they must be quick (a server hands tokens to its event loop).
+  Other PyTorch work (the vision tokenizer) goes through `call`, onto the same thread: on this CPU a
+  second live thread that has run PyTorch kernels slowed the first one's by 1.8x (OpenMP teams; the
+  built-in model's image went from 0.36 s to 0.63 s), so one thread does all of it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -106,6 +110,7 @@ class Batcher:
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._calls: deque[tuple[Callable, tuple, Future]] = deque()
 
     # ---- any thread ----
 
@@ -132,6 +137,26 @@ class Batcher:
             self.lock.notify_all()
         return t
 
+    def call(self, fn: Callable, *args) -> Future:
+        """Run fn(*args) on the worker thread before its next step; the future holds the result."""
+        f: Future = Future()
+        with self.lock:
+            self._calls.append((fn, args, f))
+            self.lock.notify_all()
+        return f
+
+    def _run_calls(self) -> None:
+        while True:
+            with self.lock:
+                if not self._calls:
+                    return
+                fn, args, f = self._calls.popleft()
+            if f.set_running_or_notify_cancel():
+                try:
+                    f.set_result(fn(*args))
+                except BaseException as e:  # handed to the caller
+                    f.set_exception(e)
+
     def cancel(self, ticket: Ticket) -> None:
         """End a request at the next step (its rows are freed then)."""
         ticket.cancelled = True
@@ -155,12 +180,12 @@ class Batcher:
 
     @property
     def idle(self) -> bool:
-        return not self.running and not self.queue
+        return not self.running and not self.queue and not self._calls
 
     def start(self) -> threading.Thread:
         """Run `step` on a daemon thread until `stop`."""
         self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="emu3-batcher", daemon=True)
+        self._thread = threading.Thread(target=self.run, name="emu3-batcher", daemon=True)
         self._thread.start()
         return self._thread
 
@@ -177,7 +202,8 @@ class Batcher:
 
     # ---- the worker ----
 
-    def _loop(self) -> None:
+    def run(self) -> None:
+        """Step whenever there is work, on the calling thread, until `stop`."""
         while True:
             with self.lock:
                 while not self._stop and self.idle:
@@ -188,7 +214,9 @@ class Batcher:
 
     @torch.no_grad()
     def step(self) -> bool:
-        """Admit what fits, then one token for every running request. False when there was nothing to do."""
+        """Run pending calls, admit what fits, then one token for every running request. False when there
+        was nothing to do."""
+        self._run_calls()
         try:
             self._retire([t for t in self.running if self._expired(t)])
             self._admit()

@@ -3,7 +3,8 @@
 `create_app(Emu3, ServeConfig)` builds the FastAPI app; `serve` runs it with uvicorn. What is unusual:
 - one batcher thread owns the language model (`emu3.batching`); endpoints submit requests and await
   their tickets, so /health and /metrics never wait on the model. Vision-tokenizer work (encoding an
-  uploaded image, decoding codes to pixels) runs in worker threads, off the event loop.
+  uploaded image, decoding codes to pixels) also runs on the batcher's thread, between steps, off the
+  event loop (one thread for all PyTorch work: see emu3.batching); `serve` makes it the main thread.
 - every error is an OpenAI-style object {"error": {"message", "type", "param", "code"}}; FastAPI's 422
   validation errors become 400s that name the parameter. Bodies are capped before parsing (413);
   uploaded images are checked from their header (format, declared size) before any pixel is decoded.
@@ -290,8 +291,9 @@ def _param(loc: tuple) -> str | None:
     return out or None
 
 
-def create_app(pipe: Emu3, config: ServeConfig | None = None) -> FastAPI:
-    """The FastAPI app (wrapped in the gate middleware) for a loaded pipeline."""
+def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: bool = True) -> FastAPI:
+    """The FastAPI app (wrapped in the gate middleware) for a loaded pipeline. With worker_thread, the
+    app's lifespan runs the batcher on a thread of its own; `serve` runs it on the main thread instead."""
     config = config or ServeConfig()
     state = _State(pipe, config)
     v = pipe.vocab
@@ -302,9 +304,11 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app):
-        state.batcher.start()
+        if worker_thread:
+            state.batcher.start()
         yield
-        state.batcher.stop(5)
+        if worker_thread:
+            state.batcher.stop(5)
 
     app = FastAPI(title="emu3", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.emu3 = state
@@ -422,6 +426,10 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None) -> FastAPI:
                     if not t._done.is_set():
                         state.batcher.cancel(t)
 
+    async def on_worker(fn, *args):
+        """PyTorch work (the vision tokenizer) runs on the batcher's thread, between steps."""
+        return await asyncio.wrap_future(state.batcher.call(fn, *args))
+
     def sse(obj) -> bytes:
         return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode()
 
@@ -524,7 +532,7 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None) -> FastAPI:
             err = ended_error(t)
             if err is not None:
                 raise err
-            codes, pixels = await asyncio.to_thread(pipe.image_result, reqs[j], t.result().tokens)
+            codes, pixels = await on_worker(pipe.image_result, reqs[j], t.result().tokens)
             return {"b64_json": await asyncio.to_thread(png_b64, pixels), "seed": seed + j,
                     "revised_prompt": body.prompt}
 
@@ -548,7 +556,7 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None) -> FastAPI:
                         rows[j] += 1
                         ev = {"type": "progress", "index": j, "rows_done": sum(rows), "rows_total": h * len(tickets)}
                         if body.preview and watch.queue.qsize() < 2:  # skip previews when behind
-                            ev["preview"] = await asyncio.to_thread(preview, t, w)
+                            ev["preview"] = await on_worker(preview, t, w)
                         yield sse(ev)
                     else:
                         try:
@@ -591,7 +599,7 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None) -> FastAPI:
             err = ended_error(ticket)
             if err is not None:
                 raise err
-            codes, frames = await asyncio.to_thread(pipe.video_result, req, ticket.result().tokens)
+            codes, frames = await on_worker(pipe.video_result, req, ticket.result().tokens)
             data = await asyncio.to_thread(_encode_video, frames, fps, body.format)
             return {"b64_json": base64.b64encode(data).decode(), "format": body.format, "seed": seed,
                     "frames": int(len(frames)), "fps": fps}
@@ -647,8 +655,8 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None) -> FastAPI:
         if max_new > config.max_new_tokens:
             raise APIError(400, f"max_tokens must be at most {config.max_new_tokens}, got {max_new}", "max_tokens")
         try:
-            req = await asyncio.to_thread(pipe.chat_request, image, question, max_new, None, body.temperature,
-                                          body.top_k, body.top_p, body.seed or 0)
+            req = await on_worker(pipe.chat_request, image, question, max_new, None, body.temperature,
+                                  body.top_k, body.top_p, body.seed or 0)
         except InputError as e:
             raise APIError(400, str(e), param) from None
         limit = min(ctx, state.batcher.max_len)
@@ -791,30 +799,56 @@ def _encode_video(frames: np.ndarray, fps: float, fmt: str) -> bytes:
 
 def serve(pipe: Emu3, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
           log_level: str = "info") -> None:
-    """Serve until SIGTERM/SIGINT, then drain: 503 for new requests, running ones finish, exit."""
+    """Serve until SIGTERM/SIGINT, then drain: 503 for new requests, running ones finish, exit.
+
+    The batcher runs on the main thread, which loaded the model, and uvicorn's event loop on another:
+    all PyTorch work then happens on one live thread (see emu3.batching: a second thread that has run
+    PyTorch kernels slowed the first one's 1.8x here). Signals are handled here, not by uvicorn (which
+    only installs handlers on the main thread)."""
+    import signal
+
     import uvicorn
 
     config = config or ServeConfig()
-    gate = create_app(pipe, config)
+    gate = create_app(pipe, config, worker_thread=False)
     state = gate.state
-
-    class DrainingServer(uvicorn.Server):
-        def handle_exit(self, sig, frame):
-            if state.draining:  # a second signal: stop now
-                self.force_exit = True
-                return super().handle_exit(sig, frame)
-            state.draining = True
-            state.batcher.close()
-            threading.Thread(target=self._drain, args=(sig,), daemon=True).start()
-
-        def _drain(self, sig):
-            end = time.monotonic() + config.drain_timeout
-            while not state.batcher.idle and time.monotonic() < end:
-                time.sleep(0.05)
-            time.sleep(0.2)  # the last responses leave the event loop
-            self.should_exit = True  # (not handle_exit: uvicorn would re-raise the signal and exit with -15)
-
-    server = DrainingServer(uvicorn.Config(gate, host=host, port=port, log_level=log_level,
+    server = uvicorn.Server(uvicorn.Config(gate, host=host, port=port, log_level=log_level,
                                            timeout_graceful_shutdown=max(1, int(math.ceil(config.drain_timeout)))))
-    server.run()
+    failed: list[BaseException] = []
 
+    def run_http():
+        try:
+            server.run()
+            if not server.started:
+                failed.append(InputError(f"could not serve on {host}:{port} (see the log above)"))
+        except BaseException as e:  # uvicorn exits with SystemExit when it cannot bind
+            failed.append(InputError(f"could not serve on {host}:{port} ({type(e).__name__}: {e})"))
+        finally:
+            state.batcher.stop()
+
+    def drain():
+        end = time.monotonic() + config.drain_timeout
+        while not state.batcher.idle and time.monotonic() < end:
+            time.sleep(0.05)
+        time.sleep(0.2)  # the last responses leave the event loop
+        server.should_exit = True
+
+    def on_signal(sig, frame):
+        if state.draining:  # a second signal: stop now
+            server.force_exit = server.should_exit = True
+            return
+        state.draining = True
+        state.batcher.close()
+        threading.Thread(target=drain, daemon=True).start()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    http = threading.Thread(target=run_http, name="emu3-http", daemon=True)
+    try:
+        http.start()
+        state.batcher.run()  # until run_http stops it
+        http.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failed:
+        raise failed[0]
