@@ -273,20 +273,18 @@ class _Gate:
         return False
 
 
+_TAGS = {"text", "image_url"}  # discriminator values of content parts
+
+
 def _param(loc: tuple) -> str | None:
     """("body", "messages", 0, "content", ...) -> "messages[0].content..."; pydantic's union-member labels
-    (such as "list[...]" or a discriminator value repeated before the field) are left out."""
+    ("str", "list[...]") and the discriminator value it puts after a list index are left out."""
     out, prev = "", None
     for p in loc[1:] if loc[:1] == ("body",) else loc:
         if isinstance(p, int):
             out += f"[{p}]"
-        elif "[" in str(p) or p in ("str",) or (p == prev and p in ("text", "image_url")):
-            continue
-        elif prev is not None and isinstance(prev, int) and p in ("text", "image_url") and loc[-1] != p:
-            prev = p  # the discriminator label: the field name follows
-            continue
-        else:
-            out += ("." if out else "") + str(p)
+        elif not ("[" in p or p == "str" or (isinstance(prev, int) and p in _TAGS)):
+            out += ("." if out else "") + p
         prev = p
     return out or None
 
@@ -315,7 +313,8 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
-        err = exc.errors()[0]
+        errors = exc.errors()
+        err = max(errors, key=lambda e: len(e.get("loc", ())))  # the most specific (unions report every branch)
         if err.get("type") == "json_invalid":
             return _error(400, f"the body is not valid JSON ({err.get('ctx', {}).get('error', err['msg'])})")
         loc = tuple(err.get("loc", ()))
