@@ -215,3 +215,22 @@ def test_build_vla_end_to_end_and_resumable(tmp_path):
     logs.clear()
     build_vla_demo(tmp_path / "b", vision=tmp_path / "vq", episodes=4, lm_steps=3, progress=False, log=logs.append)
     assert sum("done already" in line for line in logs) == 4
+
+
+def test_report_vla_section_shows_a_success_and_a_failure():
+    """Any policy object (reset + call) goes in the loop; the section has a GIF per outcome and the count."""
+    from emu3.demo import vla_section
+    from emu3.world.table import expert
+
+    class Alternating:  # the expert on even episodes, a frozen gripper on odd ones
+        n = -1
+
+        def reset(self):
+            self.n += 1
+
+        def __call__(self, env):
+            return expert(env) if self.n % 2 == 0 else np.zeros(3)
+
+    section = vla_section(Alternating(), tries=4)
+    assert section.count("data:image/gif;base64") == 2 and "2 of 4 episodes succeeded" in section
+    assert "success: " in section and "failure: " in section

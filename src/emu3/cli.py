@@ -371,7 +371,15 @@ def cmd_demo(args) -> None:
     from .demo import build_report
 
     emu = _pipeline(args)
-    path = build_report(emu, args.output, seed=args.seed, model_name=str(args.model or "the built-in model"))
+    policy = None
+    if args.vla:
+        from .action import FASTTokenizer
+        from .pipeline import Emu3
+        from .vla import Policy
+
+        policy = Policy(Emu3.from_pretrained(args.vla), FASTTokenizer.from_pretrained(args.vla))
+    path = build_report(emu, args.output, seed=args.seed, model_name=str(args.model or "the built-in model"),
+                        vla=policy)
     print(f"wrote {path}")
 
 
@@ -568,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="write a self-contained HTML report of what a model does")
     p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.add_argument("--vla", metavar="DIR", help="also show this VLA model folder's policy in the loop")
     lm_opts(p)
     p.set_defaults(func=cmd_demo, seed=50_000)
 

@@ -1,7 +1,8 @@
 """`emu3 demo -o report/`: one self-contained HTML page (images and videos inlined as data URIs) that
 shows what a model does on the shapes world: generated images for prompts of every evaluation
 category with the detector's verdict, answers to questions about held-out images, generated and
-extended videos, tokenizer reconstructions, and the evaluation table.
+extended videos, tokenizer reconstructions, the evaluation table and, given a VLA model, rollouts of
+the policy on the table-top task (a success and a failure).
 """
 
 from __future__ import annotations
@@ -50,8 +51,30 @@ border:1px solid #ccc}figcaption{font-size:13px;margin-top:4px}.ok{color:#1a7f37
 table{border-collapse:collapse;margin-top:8px}td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}"""
 
 
-def build_report(emu, out: str, seed: int = 50_000, eval_sizes: dict | None = None, model_name: str = "") -> Path:
-    """Write out/index.html; returns its path."""
+def vla_section(policy, seed: int = 200_000, tries: int = 8) -> str:
+    """Closed-loop rollouts of a VLA policy (emu3.vla.Policy) on held-out tables: GIFs of the table view
+    for the first success and the first failure among `tries` episodes, and the success count."""
+    from .world.table import TableEnv, rollout
+
+    shown: dict[bool, str] = {}
+    wins = 0
+    for i in range(tries):
+        policy.reset()
+        ep = rollout(TableEnv(seed + i), policy)
+        wins += ep.success
+        if ep.success not in shown:
+            what = "success" if ep.success else "failure"
+            shown[ep.success] = _figure(_gif(ep.table), f"{what}: {ep.instruction} ({len(ep.actions)} steps)",
+                                        ep.success)
+    figs = [shown[k] for k in (True, False) if k in shown]
+    return (f'<section><h2>Vision-language-action</h2><p>The policy in the loop on held-out tables (seeds {seed}+): '
+            f'{wins} of {tries} episodes succeeded. The first success and the first failure, as the table camera '
+            f'saw them:</p><div class="grid">{"".join(figs)}</div></section>')
+
+
+def build_report(emu, out: str, seed: int = 50_000, eval_sizes: dict | None = None, model_name: str = "",
+                 vla=None) -> Path:
+    """Write out/index.html; returns its path. `vla`: an emu3.vla.Policy to show in the loop as well."""
     t0 = time.time()
     rng = np.random.default_rng(seed)
     parts = []
@@ -87,6 +110,8 @@ def build_report(emu, out: str, seed: int = 50_000, eval_sizes: dict | None = No
         recon.append(_figure(_png(img), "original"))
         recon.append(_figure(_png(rec), f"through the tokenizer: {psnr(img, rec):.1f} dB"))
     parts.append('<section><h2>Vision tokenizer</h2><div class="grid">' + "".join(recon) + "</div></section>")
+    if vla is not None:
+        parts.append(vla_section(vla))
     sizes = eval_sizes or {"generation": 8, "understanding": 48, "video": 6, "tokenizer": 64}
     results = bench.evaluate(emu, **sizes, seed=seed)
     rows = "".join(f"<tr><td>{b}</td><td>{m}</td><td>{v:.3f}</td></tr>" for b, ms in results.items()
