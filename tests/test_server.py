@@ -22,7 +22,7 @@ from PIL import Image
 
 from emu3.generate import Engine, Request, Sampling, image_template
 from emu3.pipeline import Emu3
-from tests.conftest import scene
+from tests.conftest import scene, write_video_file
 
 uvicorn = pytest.importorskip("uvicorn")
 from emu3.server import ServeConfig, create_app  # noqa: E402
@@ -191,6 +191,17 @@ def test_video_endpoint_returns_a_playable_file(client, tmp_path):
 
     video = read_video(path)
     assert video.frames.shape[0] == d["frames"] and video.frames.shape[1:3] == (32, 32)
+    # continuing an uploaded clip: 8 frames (2 latent frames) + 1 generated latent frame = 12 frames
+    clip = write_video_file(tmp_path / "in.mp4", np.stack([scene(32, 32, seed=i) for i in range(8)]), 8.0)
+    body = {"prompt": "more", "frames": 1, "seed": 2, "format": "gif",
+            "video": data_url(clip.read_bytes(), "video/mp4")}
+    r = client.post("/v1/videos/generations", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][0]["frames"] == 12 and r.json()["data"][0]["fps"] == 8.0
+    bad = client.post("/v1/videos/generations", json={**body, "video": data_url(b"not a video", "video/mp4")})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "video"
+    wrong = client.post("/v1/videos/generations", json={**body, "video": data_url(b"x", "video/x-flv")})
+    assert wrong.status_code == 400 and "not accepted" in wrong.json()["error"]["message"]
 
 
 BAD = [

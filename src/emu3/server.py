@@ -121,11 +121,12 @@ class ImagesBody(_Sampling):
 
 class VideosBody(_Sampling):
     prompt: str = Field(max_length=10000)
-    frames: int = Field(ge=1)  # latent frames (4 video frames each)
+    frames: int = Field(ge=1)  # latent frames to generate (4 video frames each)
     size: str | None = None
     aspect_ratio: str | None = None
     fps: Finite | None = Field(None, gt=0, le=240)
     format: Literal["mp4", "gif", "webm"] = "mp4"
+    video: str | None = None  # a base64 data URL (mp4, webm, gif) to continue: the answer is it plus `frames`
 
 
 class _ImageURL(BaseModel):
@@ -577,12 +578,22 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
             raise APIError(400, "this model has no vision tokenizer", "model")
         if not body.prompt.strip():
             raise APIError(400, "prompt must not be empty", "prompt")
-        h, w = grid_of(body)
         seed = seed_of(body)
+        context, fps_in = None, None
+        if body.video is not None:
+            if body.size is not None or body.aspect_ratio is not None:
+                raise APIError(400, "a continued video keeps its own size: leave out size and aspect_ratio", "size")
+            data, suffix = _data_url(body.video, "video", VIDEO_TYPES)
+            clip = await on_worker(_read_video_bytes, pipe, data, suffix, body.fps, config.max_image_pixels)
+            context = await on_worker(lambda: pipe.vision.encode_video(clip.frames, "causal").numpy())
+            fps_in = clip.fps
+        h, w = grid_of(body) if context is None else context.shape[1:]
+        known = 0 if context is None else len(context)
         try:
-            req = pipe.video_request(body.prompt, body.frames, grid=(h, w), cfg_scale=body.cfg_scale, seed=seed,
-                                     temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-                                     negative_prompt=body.negative_prompt, fps=body.fps)
+            req = pipe.video_request(body.prompt, known + body.frames, context=context, grid=(h, w),
+                                     cfg_scale=body.cfg_scale, seed=seed, temperature=body.temperature,
+                                     top_k=body.top_k, top_p=body.top_p, negative_prompt=body.negative_prompt,
+                                     fps=body.fps or fps_in)
         except InputError as e:
             raise APIError(400, str(e), "frames") from None
         need = max(len(req.prompt), len(req.negative)) + req.steps()
@@ -592,7 +603,7 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
         watch = Watch()
         (ticket,) = submit_all([req], body, "prompt", watch.on_token, watch.on_done)
         created = int(time.time())
-        fps = body.fps or pipe.defaults.video_fps or 8.0
+        fps = body.fps or fps_in or pipe.defaults.video_fps or 8.0
 
         async def finish() -> dict:
             err = ended_error(ticket)
@@ -767,18 +778,44 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
     return _Gate(app, state)
 
 
-def _read_data_url(url: str, param: str, max_pixels: int):
-    """A base64 data URL -> RGB PIL image, refused before decoding if its format or declared size is wrong."""
+VIDEO_TYPES = {"video/mp4": ".mp4", "video/webm": ".webm", "image/gif": ".gif", "video/quicktime": ".mov"}
+
+
+def _data_url(url: str, param: str, types: dict[str, str] | None = None) -> tuple[bytes, str]:
+    """The bytes of a base64 data URL and its MIME type (or, given `types`, the file suffix it maps to)."""
     m = re.match(r"data:([\w/+.-]*)(;[^,]*)?,", url[:200])
     if not m:
-        raise APIError(400, "image_url must be a data URL (data:image/png;base64,...); this server fetches nothing "
+        raise APIError(400, f"{param} must be a data URL (data:TYPE;base64,...); this server fetches nothing "
                             "from the network", param)
     if "base64" not in (m.group(2) or ""):
-        raise APIError(400, "the image data URL must be base64-encoded", param)
+        raise APIError(400, f"the {param} data URL must be base64-encoded", param)
+    if types is not None and m.group(1) not in types:
+        raise APIError(400, f"{param}: type {m.group(1)!r} is not accepted; use one of {', '.join(types)}", param)
     try:
         data = base64.b64decode(url[m.end():], validate=True)
     except (binascii.Error, ValueError):
-        raise APIError(400, "the image data URL is not valid base64", param) from None
+        raise APIError(400, f"the {param} data URL is not valid base64", param) from None
+    return data, types[m.group(1)] if types is not None else m.group(1)
+
+
+def _read_video_bytes(pipe: Emu3, data: bytes, suffix: str, fps: float | None, max_pixels: int,
+                      max_frames: int = 64):
+    """An uploaded video at the model's resolution (declared size and frame count checked before decoding)."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / f"upload{suffix}"
+        path.write_bytes(data)
+        try:
+            return pipe.vision.read_video(path, fps=fps, max_frames=max_frames, max_pixels=max_pixels)
+        except InputError as e:
+            raise APIError(400, str(e).replace(str(path), "video"), "video") from None
+
+
+def _read_data_url(url: str, param: str, max_pixels: int):
+    """A base64 data URL -> RGB PIL image, refused before decoding if its format or declared size is wrong."""
+    if not url.startswith("data:"):
+        raise APIError(400, "image_url must be a data URL (data:image/png;base64,...); this server fetches nothing "
+                            "from the network", param)
+    data, _ = _data_url(url, param)
     try:
         return media.read_image_bytes(data, "image_url", max_pixels, IMAGE_FORMATS)
     except InputError as e:
