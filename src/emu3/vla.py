@@ -54,7 +54,7 @@ class Policy:
         v = self.emu.vocab
         prompt = self.fmt.vla_prompt(env.instruction, self.history[-1:], views, self.actions)
         allowed = np.concatenate([np.asarray(self.actions.lm_range), [v.boi, v.eos]])
-        cap = self.fast.config.time_horizon * self.fast.config.action_dim  # FAST never needs more symbols
+        cap = self.fast.config.time_horizon * self.fast.config.action_dim + 1  # FAST's most symbols + the stop id
         req = Request(prompt, max_new_tokens=cap, allowed=allowed, stop=(v.boi, v.eos), text=self.sampling,
                       seed=self.seed + self.stats.queries)
         t0 = time.perf_counter()
