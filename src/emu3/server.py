@@ -290,9 +290,10 @@ def _param(loc: tuple) -> str | None:
     return out or None
 
 
-def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: bool = True) -> FastAPI:
-    """The FastAPI app (wrapped in the gate middleware) for a loaded pipeline. With worker_thread, the
-    app's lifespan runs the batcher on a thread of its own; `serve` runs it on the main thread instead."""
+def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: bool = True) -> _Gate:
+    """The ASGI app for a loaded pipeline: the FastAPI routes behind the gate middleware (whose `state`
+    holds the batcher). With worker_thread, the app's lifespan runs the batcher on a thread of its own;
+    `serve` runs it on the main thread instead."""
     config = config or ServeConfig()
     state = _State(pipe, config)
     v = pipe.vocab
