@@ -219,7 +219,6 @@ def build_vla_demo(out: str, vision: str | os.PathLike | None = None, episodes: 
     recipe = {"seed": seed, "vision_tokenizer": str(vision), "episodes": episodes, "bpe_size": VLA_BPE,
               "fast": {"vocab_size": VLA_FAST_VOCAB, "scale": 10.0, "chunk": VLA_CHUNK},
               "lm": json.loads((out / "lm" / "config.json").read_text()),
-              "lm_part2": json.loads((out / "lm2" / "config.json").read_text()),
               "stage_minutes": {k: round(v / 60, 1) for k, v in times.items()},
               "step_minutes": {"language model": _step_minutes(out / "lm")}, "torch": torch.__version__,
               "command": f"emu3 build-vla {out}" + (f" --episodes {episodes}" if episodes != VLA_EPISODES else "")
