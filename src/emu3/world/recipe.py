@@ -41,17 +41,7 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     counts = counts or COUNTS
-    times = json.loads((out / "times.json").read_text()) if (out / "times.json").exists() else {}
-
-    def stage(name, done, fn):
-        if done():
-            log(f"{name}: done already")
-            return
-        t0 = time.time()
-        fn()
-        times[name] = times.get(name, 0.0) + time.time() - t0
-        (out / "times.json").write_text(json.dumps(times, indent=1))
-        log(f"{name}: {times[name] / 60:.1f} min")
+    stage, times = _stages(out, log)
 
     vq_over = [f"out={out / 'vq'}", f"seed={seed}"]
     if vq_steps:  # the warm-up keeps its share of the run
@@ -101,6 +91,24 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
     final = package(out, out / "emu3-demo", recipe, lm="lm2")
     log(f"wrote {final}")
     return final
+
+
+def _stages(out: Path, log):
+    """A runner `stage(name, done, fn)` that skips stages whose `done()` holds and adds each stage's wall
+    time to OUT/times.json (the dict it returns alongside)."""
+    times = json.loads((out / "times.json").read_text()) if (out / "times.json").exists() else {}
+
+    def stage(name, done, fn):
+        if done():
+            log(f"{name}: done already")
+            return
+        t0 = time.time()
+        fn()
+        times[name] = times.get(name, 0.0) + time.time() - t0
+        (out / "times.json").write_text(json.dumps(times, indent=1))
+        log(f"{name}: {times[name] / 60:.1f} min")
+
+    return stage, times
 
 
 def _step_minutes(run: Path) -> float:
@@ -177,17 +185,7 @@ def build_vla_demo(out: str, vision: str | os.PathLike | None = None, episodes: 
             raise InputError("build-vla needs a vision tokenizer: --vision DIR (the built-in model is not installed)")
         vision = builtin_model() / "vision_tokenizer"
     episodes = episodes or VLA_EPISODES
-    times = json.loads((out / "times.json").read_text()) if (out / "times.json").exists() else {}
-
-    def stage(name, done, fn):
-        if done():
-            log(f"{name}: done already")
-            return
-        t0 = time.time()
-        fn()
-        times[name] = times.get(name, 0.0) + time.time() - t0
-        (out / "times.json").write_text(json.dumps(times, indent=1))
-        log(f"{name}: {times[name] / 60:.1f} min")
+    stage, times = _stages(out, log)
 
     vq = VisionTokenizer.from_pretrained(vision, frame_batch=64)
     codebook = vq.model.config.codebook_size
