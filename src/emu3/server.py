@@ -423,9 +423,30 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
                         open_ -= 1
                     yield ev
             finally:
-                for t in tickets:
-                    if not t._done.is_set():
-                        state.batcher.cancel(t)
+                cancel(tickets)
+
+        async def wait(self, tickets: list[Ticket], request: HTTPRequest) -> None:
+            """Until every ticket ended; 499 when the client went away first."""
+            async for _ in self.events(tickets, request):
+                pass
+            if self.disconnected:
+                raise APIError(499, "the client disconnected", kind="cancelled")
+
+    def cancel(tickets: list[Ticket]) -> None:
+        for t in tickets:
+            if not t._done.is_set():
+                state.batcher.cancel(t)
+
+    def event_stream(tickets: list[Ticket], chunks) -> StreamingResponse:
+        """SSE response of `chunks` (an async generator); tickets still running when it ends are cancelled."""
+        async def body():
+            try:
+                async for c in chunks:
+                    yield c
+            finally:
+                cancel(tickets)
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def on_worker(fn, *args):
         """PyTorch work (the vision tokenizer) runs on the batcher's thread, between steps."""
@@ -538,40 +559,32 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
                     "revised_prompt": body.prompt}
 
         if not body.stream:
-            async for _ in watch.events(tickets, request):
-                pass
-            if watch.disconnected:
-                raise APIError(499, "the client disconnected", kind="cancelled")
+            await watch.wait(tickets, request)
             data = [await finish(t, j) for j, t in enumerate(tickets)]
             return {"created": created, "data": data}
 
         async def stream():
             index = {id(t): j for j, t in enumerate(tickets)}
             rows = [0] * len(tickets)
-            try:
-                yield sse({"type": "started", "created": created, "rows_total": h * len(tickets), "seed": seed,
-                           "size": f"{w * factor}x{h * factor}"})
-                async for kind, t, _ in watch.events(tickets, request):
-                    j = index[id(t)]
-                    if kind == "token":
-                        rows[j] += 1
-                        ev = {"type": "progress", "index": j, "rows_done": sum(rows), "rows_total": h * len(tickets)}
-                        if body.preview and watch.queue.qsize() < 2:  # skip previews when behind
-                            ev["preview"] = await on_worker(preview, t, w)
-                        yield sse(ev)
-                    else:
-                        try:
-                            yield sse({"type": "image", "index": j, **(await finish(t, j))})
-                        except APIError as e:
-                            yield sse({"type": "error", "index": j, "error": {"message": e.message, "type": e.kind,
-                                                                             "code": e.code}})
-                yield sse("[DONE]")
-            finally:
-                for t in tickets:
-                    if not t._done.is_set():
-                        state.batcher.cancel(t)
+            yield sse({"type": "started", "created": created, "rows_total": h * len(tickets), "seed": seed,
+                       "size": f"{w * factor}x{h * factor}"})
+            async for kind, t, _ in watch.events(tickets, request):
+                j = index[id(t)]
+                if kind == "token":
+                    rows[j] += 1
+                    ev = {"type": "progress", "index": j, "rows_done": sum(rows), "rows_total": h * len(tickets)}
+                    if body.preview and watch.queue.qsize() < 2:  # skip previews when behind
+                        ev["preview"] = await on_worker(preview, t, w)
+                    yield sse(ev)
+                else:
+                    try:
+                        yield sse({"type": "image", "index": j, **(await finish(t, j))})
+                    except APIError as e:
+                        yield sse({"type": "error", "index": j, "error": {"message": e.message, "type": e.kind,
+                                                                         "code": e.code}})
+            yield sse("[DONE]")
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return event_stream(tickets, stream())
 
     @app.post("/v1/videos/generations")
     async def videos(body: VideosBody, request: HTTPRequest):
@@ -616,30 +629,23 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
                     "frames": int(len(frames)), "fps": fps}
 
         if not body.stream:
-            async for _ in watch.events([ticket], request):
-                pass
-            if watch.disconnected:
-                raise APIError(499, "the client disconnected", kind="cancelled")
+            await watch.wait([ticket], request)
             return {"created": created, "data": [await finish()]}
 
         async def stream():
             done, total = 0, h * body.frames
-            try:
-                async for kind, _t, _ in watch.events([ticket], request):
-                    if kind == "token":
-                        done += 1
-                        yield sse({"type": "progress", "rows_done": done, "rows_total": total})
-                    else:
-                        try:
-                            yield sse({"type": "video", **(await finish())})
-                        except APIError as e:
-                            yield sse({"type": "error", "error": {"message": e.message, "type": e.kind}})
-                yield sse("[DONE]")
-            finally:
-                if not ticket._done.is_set():
-                    state.batcher.cancel(ticket)
+            async for kind, _t, _ in watch.events([ticket], request):
+                if kind == "token":
+                    done += 1
+                    yield sse({"type": "progress", "rows_done": done, "rows_total": total})
+                else:
+                    try:
+                        yield sse({"type": "video", **(await finish())})
+                    except APIError as e:
+                        yield sse({"type": "error", "error": {"message": e.message, "type": e.kind}})
+            yield sse("[DONE]")
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return event_stream([ticket], stream())
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: HTTPRequest):
@@ -686,10 +692,7 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
         finish_reason = lambda: "stop" if ticket.status == "finished" else "length"
 
         if not body.stream:
-            async for _ in watch.events([ticket], request):
-                pass
-            if watch.disconnected:
-                raise APIError(499, "the client disconnected", kind="cancelled")
+            await watch.wait([ticket], request)
             err = ended_error(ticket)
             if err is not None:
                 raise err
@@ -705,31 +708,27 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
 
         async def stream():
             sent = ""
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                async for kind, t, _ in watch.events([ticket], request):
-                    if kind == "token":
-                        text = pipe.tokenizer.decode(np.asarray(t.tokens[:]), skip_special_tokens=True).lstrip()
-                        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next bytes
-                            continue
-                        if text.startswith(sent) and len(text) > len(sent):
-                            yield chunk({"content": text[len(sent):]})
-                            sent = text
+            yield chunk({"role": "assistant", "content": ""})
+            async for kind, t, _ in watch.events([ticket], request):
+                if kind == "token":
+                    text = pipe.tokenizer.decode(np.asarray(t.tokens[:]), skip_special_tokens=True).lstrip()
+                    if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next bytes
+                        continue
+                    if text.startswith(sent) and len(text) > len(sent):
+                        yield chunk({"content": text[len(sent):]})
+                        sent = text
+                else:
+                    err = ended_error(ticket)
+                    if err is not None:
+                        yield sse({"error": {"message": err.message, "type": err.kind, "code": err.code}})
                     else:
-                        err = ended_error(ticket)
-                        if err is not None:
-                            yield sse({"error": {"message": err.message, "type": err.kind, "code": err.code}})
-                        else:
-                            yield chunk({}, finish_reason())
-                            if (body.stream_options or {}).get("include_usage"):
-                                yield sse({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                           "model": config.model_name, "choices": [], "usage": usage()})
-                yield sse("[DONE]")
-            finally:
-                if not ticket._done.is_set():
-                    state.batcher.cancel(ticket)
+                        yield chunk({}, finish_reason())
+                        if (body.stream_options or {}).get("include_usage"):
+                            yield sse({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                       "model": config.model_name, "choices": [], "usage": usage()})
+            yield sse("[DONE]")
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return event_stream([ticket], stream())
 
     @app.post("/v1/tokens/generations")
     async def tokens(body: TokensBody, request: HTTPRequest):
@@ -766,10 +765,7 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
                            "image" if body.image is not None else "max_new_tokens")
         watch = Watch()
         (ticket,) = submit_all([req], body, "prompt", None, watch.on_done)
-        async for _ in watch.events([ticket], request):
-            pass
-        if watch.disconnected:
-            raise APIError(499, "the client disconnected", kind="cancelled")
+        await watch.wait([ticket], request)
         err = ended_error(ticket)
         if err is not None:
             raise err
