@@ -172,3 +172,10 @@ def test_policy_closed_loop_on_a_tiny_model(tmp_path):
     assert main(["eval-vla", "--model", str(tmp_path / "m"), "--episodes", "1", "--horizon", "10",
                  "--json", str(tmp_path / "r.json")]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["episodes"] == 1
+
+
+def test_eval_vla_refuses_a_folder_without_fast_tokens(tmp_path, model_folder, capsys):
+    from emu3.cli import main
+
+    assert main(["eval-vla", "--model", str(model_folder), "--episodes", "1"]) != 0
+    assert "fast_tokenizer.json" in capsys.readouterr().err

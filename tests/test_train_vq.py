@@ -77,3 +77,30 @@ def test_stopped_run_resumes_exactly(tmp_path, monkeypatch):
     result = json.loads((tmp_path / "b" / "eval.json").read_text())
     assert set(result) >= {"image_psnr", "codebook_usage", "detector_agreement"}
     assert np.isfinite(result["image_psnr"])
+
+
+def test_fine_tune_starts_from_init_and_sees_table_frames(tmp_path):
+    """init=DIR continues that tokenizer (at lr 0 its weights come out unchanged, codebook included; the
+    temporal BatchNorms' running statistics do move) and table=F
+    mixes the table-top task's frames into the batches; the table reconstruction PSNR is reported."""
+    from safetensors.torch import load_file
+
+    from emu3.vision import VisionTokenizer
+
+    VisionTokenizer.from_preset("tiny", seed=3).save_pretrained(tmp_path / "init")
+    cfg = tvq.make_vq_config("tiny", [f"init={tmp_path / 'init'}", f"out={tmp_path / 'ft'}", "steps=6", "warmup=1",
+                                      "lr=0", "min_lr=0", "table=0.5", "video_every=0", "eval_images=4"])
+    result = tvq.train_vq(cfg, progress=False)
+    a = load_file(tmp_path / "init" / "model.safetensors")
+    b = load_file(tmp_path / "ft" / "tokenizer" / "model.safetensors")
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if not k.endswith(stats))
+    assert 5 < result["table_psnr"] < 60
+    x, video = tvq._batch(0, cfg)
+    assert not video and x.shape[0] == cfg.batch_size
+    frames = tvq.table_frames(np.random.default_rng(0), 4)
+    assert [f.shape for f in frames] == [(64, 64, 3)] * 4
+    with pytest.raises(InputError, match="table"):
+        tvq.make_vq_config("tiny", ["table=1.5"]).validate()
+    with pytest.raises(InputError, match="init="):
+        tvq.make_vq_config("tiny", [f"init={tmp_path}"]).validate()

@@ -203,18 +203,20 @@ def test_build_vla_end_to_end_and_resumable(tmp_path):
 
     VisionTokenizer.from_preset("demo", seed=0).save_pretrained(tmp_path / "vq")
     logs = []
-    final = build_vla_demo(tmp_path / "b", vision=tmp_path / "vq", episodes=4, lm_steps=3, progress=False,
-                           log=logs.append)
+    final = build_vla_demo(tmp_path / "b", vision=tmp_path / "vq", episodes=4, lm_steps=3, vq_steps=3,
+                           progress=False, log=logs.append)
     recipe = json.loads((final / "RECIPE.json").read_text())
     assert recipe["lm"]["steps"] == 3 and recipe["lm"]["vision_weight"] == 0.5 and recipe["episodes"] == 4
+    assert recipe["vision_tokenizer"]["steps"] == 3 and recipe["vision_eval"]["table_psnr"] > 0
     emu = Emu3.from_pretrained(final)
     fast = FASTTokenizer.from_pretrained(final)
     assert fast.config.vocab_size == 256 and emu.vocab.text_size >= 256
     r = evaluate(Policy(emu, fast), 2, horizon=10)
     assert r["episodes"] == 2 and 0 <= r["policy"] <= 1 and r["actions_per_s"] > 0
     logs.clear()
-    build_vla_demo(tmp_path / "b", vision=tmp_path / "vq", episodes=4, lm_steps=3, progress=False, log=logs.append)
-    assert sum("done already" in line for line in logs) == 4
+    build_vla_demo(tmp_path / "b", vision=tmp_path / "vq", episodes=4, lm_steps=3, vq_steps=3, progress=False,
+                   log=logs.append)
+    assert sum("done already" in line for line in logs) == 5
 
 
 def test_report_vla_section_shows_a_success_and_a_failure():

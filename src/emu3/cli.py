@@ -350,10 +350,15 @@ def cmd_eval(args) -> None:
 
 def cmd_eval_vla(args) -> None:
     from .action import FASTTokenizer
+    from .assets import builtin_vla
     from .vla import Policy, evaluate
 
+    args.model = args.model or builtin_vla()
     if not args.model:
-        raise InputError("eval-vla needs --model DIR: a VLA model folder with fast_tokenizer.json")
+        raise InputError("eval-vla needs --model DIR: a VLA model folder with fast_tokenizer.json "
+                         "(the built-in policy is not installed)")
+    if not (Path(args.model) / "fast_tokenizer.json").is_file():
+        raise InputError(f"{args.model} has no fast_tokenizer.json: not a VLA model folder (emu3 build-vla makes one)")
     emu = _pipeline(args)
     policy = Policy(emu, FASTTokenizer.from_pretrained(args.model), temperature=args.temperature or 0.0,
                     seed=args.seed)
@@ -368,10 +373,13 @@ def cmd_eval_vla(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    from .assets import builtin_vla
     from .demo import build_report
 
     emu = _pipeline(args)
     policy = None
+    if args.vla is None and args.model is None:  # the built-in model's report shows the built-in policy too
+        args.vla = builtin_vla()
     if args.vla:
         from .action import FASTTokenizer
         from .pipeline import Emu3
@@ -414,8 +422,8 @@ def cmd_build_demo(args) -> None:
 def cmd_build_vla(args) -> None:
     from .world.recipe import build_vla_demo
 
-    build_vla_demo(args.output, vision=args.vision, episodes=args.episodes, lm_steps=args.lm_steps, seed=args.seed,
-                   progress=not args.quiet)
+    build_vla_demo(args.output, vision=args.vision, episodes=args.episodes, lm_steps=args.lm_steps,
+                   vq_steps=args.vq_steps, seed=args.seed, progress=not args.quiet)
 
 
 def cmd_export(args) -> None:
@@ -576,7 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="write a self-contained HTML report of what a model does")
     p.add_argument("-o", "--output", required=True, metavar="DIR")
-    p.add_argument("--vla", metavar="DIR", help="also show this VLA model folder's policy in the loop")
+    p.add_argument("--vla", metavar="DIR", help="also show this VLA model folder's policy in the loop "
+                                                   "(default with the built-in model: the built-in policy)")
     lm_opts(p)
     p.set_defaults(func=cmd_demo, seed=50_000)
 
@@ -604,7 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-vla", help="train the table-top VLA policy: FAST tokens, demonstrations, training, "
                                          "export (OUT/emu3-vla)")
     p.add_argument("output", metavar="OUT")
-    p.add_argument("--vision", metavar="DIR", help="vision tokenizer (default: the built-in model's)")
+    p.add_argument("--vision", metavar="DIR", help="vision tokenizer to fine-tune on the table (default: the "
+                                                   "built-in model's)")
+    p.add_argument("--vq-steps", type=int, help="default: the table preset's (train-vq table)")
     p.add_argument("--episodes", type=int, help="expert demonstrations (default 3000)")
     p.add_argument("--lm-steps", type=int, help="default: the vla preset's")
     p.add_argument("--seed", type=int, default=0)

@@ -21,6 +21,11 @@ keep the shapes but collapse every colour onto two hues for thousands of steps.
 Images are 4 repeated frames (decoded to frame 0, as released); every `video_every`-th step
 trains on 16-frame clips instead, which is what teaches the causal temporal layers.
 
+`init=DIR` fine-tunes an existing tokenizer (its codebook kept, dead codes still restarted) and
+`table=F` draws that share of each image batch from the table-top task's frames (emu3.world.table:
+rings and a gripper, which the world's scenes never show): the `table` preset is how the VLA policy's
+tokenizer learns to see its gripper.
+
 Data is rendered on the fly from the world (seeded per step), so a run needs no dataset and
 resumes exactly: model, optimizer and usage counters are checkpointed with emu3.train.state.
 """
@@ -67,6 +72,8 @@ class VQTrainConfig:
     save_every: int = 250
     keep_last: int = 2
     eval_images: int = 64
+    init: str = ""  # a tokenizer folder to fine-tune instead of a fresh model
+    table: float = 0.0  # share of each image batch drawn from table-top task frames
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.warmup >= self.steps:
@@ -76,12 +83,19 @@ class VQTrainConfig:
             raise InputError(f"ae_warmup must be in [0, steps), got {self.ae_warmup}")
         if self.video_every < 0 or self.frames % 4:
             raise InputError("video_every must be >= 0 and frames a multiple of 4")
+        if not 0 <= self.table <= 1:
+            raise InputError(f"table is a share of each batch, in [0, 1]; got {self.table}")
+        if self.init and not (Path(self.init) / "config.json").is_file():
+            raise InputError(f"init={self.init}: not a vision tokenizer folder (no config.json)")
 
 
 VQ_STAGES = {
     # The built-in tokenizer's recipe. lr 1e-3 is too high for the encoder (it stops learning colour)
     # and the Sobel edge term slows early learning, so neither is used here.
     "demo": dict(steps=4000, ae_warmup=1500, lr=3e-4, min_lr=1e-5, edge_weight=0.0),
+    # The VLA policy's tokenizer: the built-in one fine-tuned on table-top frames (init=DIR).
+    "table": dict(steps=800, lr=1e-4, min_lr=1e-5, warmup=50, video_every=0, table=1.0, edge_weight=0.0,
+                  save_every=100),
     "tiny": dict(preset="tiny", steps=30, batch_size=4, video_batch=1, frames=8, warmup=5, save_every=10,
                  restart_every=10, eval_images=8),
 }
@@ -96,7 +110,30 @@ def _batch(step: int, cfg: VQTrainConfig) -> tuple[torch.Tensor, bool]:
     if cfg.video_every and step % cfg.video_every == cfg.video_every - 1:
         clips = np.stack([sample_clip(rng, cfg.frames).render() for _ in range(cfg.video_batch)])
         return to_pixels(clips), True
-    return to_pixels(np.stack([render(sample_scene(rng)) for _ in range(cfg.batch_size)])), False
+    tables = round(cfg.batch_size * cfg.table)
+    images = [render(sample_scene(rng)) for _ in range(cfg.batch_size - tables)]
+    return to_pixels(np.stack(images + table_frames(rng, tables))), False
+
+
+def table_frames(rng: np.random.Generator, n: int, seeds: range | None = None) -> list[np.ndarray]:
+    """n 64x64 frames of noisy expert episodes on the table-top task, at random moments: table views,
+    and every other one a 2x2 mosaic of wrist views (32x32 each, so each is exactly 4x4 codes).
+    Episodes come from `seeds` in order, or else at random from tables 300,000+ (apart from the
+    demonstrations' and the evaluations' seeds)."""
+    from ..world.table import record
+
+    out: list[np.ndarray] = []
+    k = 0
+    while len(out) < n:
+        seed = seeds[k] if seeds is not None else 300_000 + int(rng.integers(1 << 30))
+        ep, k = record(seed, noise=0.3), k + 1
+        pick = rng.choice(len(ep.table), size=4, replace=len(ep.table) < 4)
+        if len(out) % 2 == 0:
+            out.append(ep.table[pick[0]])
+        else:
+            w = ep.wrist[pick]  # (4, 32, 32, 3)
+            out.append(np.concatenate([np.concatenate(w[:2], 1), np.concatenate(w[2:], 1)], 0))  # (64, 64, 3)
+    return out
 
 
 def _sobel(x: torch.Tensor) -> torch.Tensor:
@@ -193,6 +230,15 @@ def init_temporal_identity(model: VisionVQ, shift: float = 3.0) -> None:
         model.quant_conv.conv.bias.fill_(-shift)
 
 
+@torch.no_grad()
+def table_psnr(tok: VisionTokenizer, n: int, seed: int = 10_000) -> float:
+    """Reconstruction PSNR (dB) of n held-out table-top frames (tables 250,000 + i)."""
+    frames = table_frames(np.random.default_rng(seed), n, range(250_000, 250_000 + n))
+    codes = tok.encode_images(frames)
+    err = [np.mean((tok.decode_image(c.numpy()).astype(np.float64) - f) ** 2) for c, f in zip(codes, frames)]
+    return float(np.mean([10 * np.log10(255.0 ** 2 / max(e, 1e-10)) for e in err]))
+
+
 def evaluate(tok: VisionTokenizer, n: int, seed: int = 10_000) -> dict:
     """The tokenizer benchmark of `emu3 eval` on n held-out images and n // 16 clips."""
     from ..eval.bench import eval_tokenizer
@@ -232,8 +278,11 @@ def train_vq(cfg: VQTrainConfig, progress: bool = True) -> dict:
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    model = VisionVQ(vq_config(cfg.preset, **overrides_of(cfg)))
-    init_temporal_identity(model)
+    if cfg.init:
+        model = VisionTokenizer.from_pretrained(cfg.init).model.float()
+    else:
+        model = VisionVQ(vq_config(cfg.preset, **overrides_of(cfg)))
+        init_temporal_identity(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
     usage = torch.zeros(model.config.codebook_size)
     start = 0
@@ -243,7 +292,7 @@ def train_vq(cfg: VQTrainConfig, progress: bool = True) -> dict:
         start = loop["step"]
         usage = torch.tensor(mine["usage"])
         state.set_rng_state(mine["rng"])
-    elif not cfg.ae_warmup:
+    elif not cfg.ae_warmup and not cfg.init:
         model.train()
         _init_codebook(model, cfg)
     (run / "config.json").write_text(__import__("json").dumps(asdict(cfg), indent=2))
@@ -268,7 +317,7 @@ def train_vq(cfg: VQTrainConfig, progress: bool = True) -> dict:
             model.train()
             for g in optimizer.param_groups:
                 g["lr"] = _lr(cfg, step)
-            if cfg.ae_warmup and step == cfg.ae_warmup:
+            if cfg.ae_warmup and step == cfg.ae_warmup and not cfg.init:
                 model.train()
                 _init_codebook(model, cfg)
                 usage.zero_()
@@ -299,6 +348,8 @@ def train_vq(cfg: VQTrainConfig, progress: bool = True) -> dict:
     tok = VisionTokenizer(model.eval(), PRESET_PROCESSORS[cfg.preset])
     tok.save_pretrained(run / "tokenizer")
     result = evaluate(tok, cfg.eval_images)
+    if cfg.table:
+        result["table_psnr"] = table_psnr(tok, cfg.eval_images)
     (run / "eval.json").write_text(__import__("json").dumps(result, indent=2))
     return result
 

@@ -164,16 +164,20 @@ def instructions(seed: int = 0, n: int = 4000) -> list[str]:
 
 
 def build_vla_demo(out: str, vision: str | os.PathLike | None = None, episodes: int | None = None,
-                   lm_steps: int | None = None, seed: int = 0, progress: bool = True, log=print) -> Path:
-    """`emu3 build-vla OUT`: text BPE with room for FAST tokens, FAST fitted on expert chunks,
-    demonstrations as token shards, the `vla` training stage, export with fast_tokenizer.json.
-    The vision tokenizer is the built-in model's (or `vision`); every stage resumes."""
+                   lm_steps: int | None = None, vq_steps: int | None = None, seed: int = 0, progress: bool = True,
+                   log=print) -> Path:
+    """`emu3 build-vla OUT`: the vision tokenizer fine-tuned on table-top frames (`train-vq table`
+    from the built-in model's, or `vision`: the world's scenes have no rings and no gripper, and the
+    tokenizer lost the gripper altogether), text BPE with room for FAST tokens, FAST fitted on expert
+    chunks, demonstrations as token shards, the `vla` training stage, export with fast_tokenizer.json.
+    Every stage resumes."""
     from ..action import ActionIds, FASTTokenizer
     from ..assets import builtin_model
     from ..errors import InputError
     from ..tokenizer import TextTokenizer
     from ..train.config import make_config
     from ..train.trainer import train
+    from ..train.vq import make_vq_config, train_vq
     from ..vision import VisionTokenizer
     from .build import build_vla, vla_windows
     from .table import record
@@ -187,7 +191,15 @@ def build_vla_demo(out: str, vision: str | os.PathLike | None = None, episodes: 
     episodes = episodes or VLA_EPISODES
     stage, times = _stages(out, log)
 
-    vq = VisionTokenizer.from_pretrained(vision, frame_batch=64)
+    vq_over = [f"init={vision}", f"out={out / 'vq'}", f"seed={seed}"]
+    if vq_steps:
+        base = make_vq_config("table", [])
+        vq_over += [f"steps={vq_steps}", f"warmup={base.warmup * vq_steps // base.steps}",
+                    f"save_every={max(1, base.save_every * vq_steps // base.steps)}"]
+    vq_cfg = make_vq_config("table", vq_over)
+    stage("vision tokenizer", lambda: (out / "vq" / "tokenizer" / "model.safetensors").exists(),
+          lambda: train_vq(vq_cfg, progress))
+    vq = VisionTokenizer.from_pretrained(out / "vq" / "tokenizer", frame_batch=64)
     codebook = vq.model.config.codebook_size
     stage("text tokenizer", lambda: (out / "text" / "tokenizer.json").exists(),
           lambda: TextTokenizer.train(instructions(seed), VLA_BPE, codebook, min_frequency=2,
@@ -214,13 +226,19 @@ def build_vla_demo(out: str, vision: str | os.PathLike | None = None, episodes: 
     cfg = make_config("vla", overrides)
     stage("language model", lambda: (out / "lm" / f"ckpt-{cfg.steps:08d}" / "COMMITTED").exists(),
           lambda: train(cfg, progress))
-    recipe = {"seed": seed, "vision_tokenizer": str(vision), "episodes": episodes, "bpe_size": VLA_BPE,
+    command = (f"emu3 build-vla {out}" + (f" --episodes {episodes}" if episodes != VLA_EPISODES else "")
+               + (f" --lm-steps {lm_steps}" if lm_steps else "") + (f" --vq-steps {vq_steps}" if vq_steps else ""))
+    recipe = {"seed": seed, "vision_tokenizer": {"init": str(vision), **_json(out / "vq" / "config.json")},
+              "vision_eval": _json(out / "vq" / "eval.json"), "episodes": episodes, "bpe_size": VLA_BPE,
               "fast": {"vocab_size": VLA_FAST_VOCAB, "scale": 10.0, "chunk": VLA_CHUNK},
-              "lm": json.loads((out / "lm" / "config.json").read_text()),
+              "lm": _json(out / "lm" / "config.json"),
               "stage_minutes": {k: round(v / 60, 1) for k, v in times.items()},
               "step_minutes": {"language model": _step_minutes(out / "lm")}, "torch": torch.__version__,
-              "command": f"emu3 build-vla {out}" + (f" --episodes {episodes}" if episodes != VLA_EPISODES else "")
-                         + (f" --lm-steps {lm_steps}" if lm_steps else "")}
-    final = package(out, out / "emu3-vla", recipe, vision=vision, extra={"fast_tokenizer.json": fast.to_dict()})
+              "command": command}
+    final = package(out, out / "emu3-vla", recipe, extra={"fast_tokenizer.json": fast.to_dict()})
     log(f"wrote {final}")
     return final
+
+
+def _json(path: Path):
+    return json.loads(path.read_text())
