@@ -184,6 +184,7 @@ def build_vla_demo(out: str, vision: str | os.PathLike | None = None, episodes: 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    given = vision
     if vision is None:
         if builtin_model() is None:
             raise InputError("build-vla needs a vision tokenizer: --vision DIR (the built-in model is not installed)")
@@ -226,7 +227,8 @@ def build_vla_demo(out: str, vision: str | os.PathLike | None = None, episodes: 
     cfg = make_config("vla", overrides)
     stage("language model", lambda: (out / "lm" / f"ckpt-{cfg.steps:08d}" / "COMMITTED").exists(),
           lambda: train(cfg, progress))
-    command = (f"emu3 build-vla {out}" + (f" --episodes {episodes}" if episodes != VLA_EPISODES else "")
+    command = (f"emu3 build-vla {out}" + (f" --vision {given}" if given else "")
+               + (f" --episodes {episodes}" if episodes != VLA_EPISODES else "")
                + (f" --lm-steps {lm_steps}" if lm_steps else "") + (f" --vq-steps {vq_steps}" if vq_steps else ""))
     recipe = {"seed": seed, "vision_tokenizer": {"init": str(vision), **_json(out / "vq" / "config.json")},
               "vision_eval": _json(out / "vq" / "eval.json"), "episodes": episodes, "bpe_size": VLA_BPE,
