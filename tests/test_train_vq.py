@@ -104,3 +104,5 @@ def test_fine_tune_starts_from_init_and_sees_table_frames(tmp_path):
         tvq.make_vq_config("tiny", ["table=1.5"]).validate()
     with pytest.raises(InputError, match="init="):
         tvq.make_vq_config("tiny", [f"init={tmp_path}"]).validate()
+    with pytest.raises(InputError, match="ae_warmup"):
+        tvq.make_vq_config("tiny", [f"init={tmp_path / 'init'}", "ae_warmup=5"]).validate()

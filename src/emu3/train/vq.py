@@ -87,6 +87,8 @@ class VQTrainConfig:
             raise InputError(f"table is a share of each batch, in [0, 1]; got {self.table}")
         if self.init and not (Path(self.init) / "config.json").is_file():
             raise InputError(f"init={self.init}: not a vision tokenizer folder (no config.json)")
+        if self.init and self.ae_warmup:
+            raise InputError("ae_warmup is for a fresh model; a fine-tune (init=DIR) keeps its codebook: ae_warmup=0")
 
 
 VQ_STAGES = {
@@ -278,8 +280,10 @@ def train_vq(cfg: VQTrainConfig, progress: bool = True) -> dict:
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
+    processor = PRESET_PROCESSORS[cfg.preset]
     if cfg.init:
-        model = VisionTokenizer.from_pretrained(cfg.init).model.float()
+        base = VisionTokenizer.from_pretrained(cfg.init)
+        model, processor = base.model.float(), base.processor
     else:
         model = VisionVQ(vq_config(cfg.preset, **overrides_of(cfg)))
         init_temporal_identity(model)
@@ -292,7 +296,7 @@ def train_vq(cfg: VQTrainConfig, progress: bool = True) -> dict:
         start = loop["step"]
         usage = torch.tensor(mine["usage"])
         state.set_rng_state(mine["rng"])
-    elif not cfg.ae_warmup and not cfg.init:
+    elif not cfg.ae_warmup and not cfg.init:  # a fine-tune keeps its codebook
         model.train()
         _init_codebook(model, cfg)
     (run / "config.json").write_text(__import__("json").dumps(asdict(cfg), indent=2))
@@ -317,7 +321,7 @@ def train_vq(cfg: VQTrainConfig, progress: bool = True) -> dict:
             model.train()
             for g in optimizer.param_groups:
                 g["lr"] = _lr(cfg, step)
-            if cfg.ae_warmup and step == cfg.ae_warmup and not cfg.init:
+            if cfg.ae_warmup and step == cfg.ae_warmup:
                 model.train()
                 _init_codebook(model, cfg)
                 usage.zero_()
@@ -345,7 +349,7 @@ def train_vq(cfg: VQTrainConfig, progress: bool = True) -> dict:
         f.close()
         if bar is not None:
             bar.close()
-    tok = VisionTokenizer(model.eval(), PRESET_PROCESSORS[cfg.preset])
+    tok = VisionTokenizer(model.eval(), processor)
     tok.save_pretrained(run / "tokenizer")
     result = evaluate(tok, cfg.eval_images)
     if cfg.table:
