@@ -44,11 +44,8 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
     stage, times = _stages(out, log)
 
     vq_over = [f"out={out / 'vq'}", f"seed={seed}"]
-    if vq_steps:  # the warm-up keeps its share of the run
-        stage_vq = make_vq_config("demo", [])
-        share = lambda n: n * vq_steps // stage_vq.steps  # noqa: E731
-        vq_over += [f"steps={vq_steps}", f"ae_warmup={share(stage_vq.ae_warmup)}", f"warmup={share(stage_vq.warmup)}",
-                    f"save_every={max(1, share(stage_vq.save_every))}"]
+    if vq_steps:
+        vq_over += [f"{k}={v}" for k, v in _shortened(make_vq_config("demo", []), vq_steps).items()]
     vq_cfg = make_vq_config("demo", vq_over)
     stage("vision tokenizer", lambda: (out / "vq" / "tokenizer" / "model.safetensors").exists(),
           lambda: train_vq(vq_cfg, progress))
@@ -60,10 +57,8 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
           lambda: build(out / "data", vision, text, counts, seed, progress=progress))
     data = ",".join(f"{out / 'data' / k}:{w}" for k, w in MIX.items() if counts.get(k))
     overrides = {"data": data, "text_tokenizer": str(out / "text"), "out": str(out / "lm"), "seed": seed}
-    if lm_steps:  # a shorter run keeps the recipe's proportions
-        stage_lm = make_config("demo", {})
-        overrides.update(steps=lm_steps, warmup=stage_lm.warmup * lm_steps // stage_lm.steps,
-                         save_every=max(1, stage_lm.save_every * lm_steps // stage_lm.steps))
+    if lm_steps:
+        overrides.update(_shortened(make_config("demo", {}), lm_steps))
     lm_cfg = make_config("demo", overrides)
     stage("language model", lambda: (out / "lm" / f"ckpt-{lm_cfg.steps:08d}" / "COMMITTED").exists(),
           lambda: train(lm_cfg, progress))
@@ -72,9 +67,7 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
           lambda: export(out / "lm", out / "lm-part1"))
     overrides2 = {**overrides, "out": str(out / "lm2"), "model": str(out / "lm-part1"), "seed": seed + 1}
     if lm_steps:
-        stage_lm2 = make_config("demo-2", {})
-        overrides2.update(steps=lm_steps, warmup=stage_lm2.warmup * lm_steps // stage_lm2.steps,
-                          save_every=max(1, stage_lm2.save_every * lm_steps // stage_lm2.steps))
+        overrides2.update(_shortened(make_config("demo-2", {}), lm_steps))
     lm2_cfg = make_config("demo-2", overrides2)
     stage("language model, part 2", lambda: (out / "lm2" / f"ckpt-{lm2_cfg.steps:08d}" / "COMMITTED").exists(),
           lambda: train(lm2_cfg, progress))
@@ -194,9 +187,7 @@ def build_vla_demo(out: str, vision: str | os.PathLike | None = None, episodes: 
 
     vq_over = [f"init={vision}", f"out={out / 'vq'}", f"seed={seed}"]
     if vq_steps:
-        base = make_vq_config("table", [])
-        vq_over += [f"steps={vq_steps}", f"warmup={base.warmup * vq_steps // base.steps}",
-                    f"save_every={max(1, base.save_every * vq_steps // base.steps)}"]
+        vq_over += [f"{k}={v}" for k, v in _shortened(make_vq_config("table", []), vq_steps).items()]
     vq_cfg = make_vq_config("table", vq_over)
     stage("vision tokenizer", lambda: (out / "vq" / "tokenizer" / "model.safetensors").exists(),
           lambda: train_vq(vq_cfg, progress))
@@ -221,9 +212,7 @@ def build_vla_demo(out: str, vision: str | os.PathLike | None = None, episodes: 
     overrides = {"data": f"{out / 'data'}:1.0", "text_tokenizer": str(out / "text"), "out": str(out / "lm"),
                  "seed": seed}
     if lm_steps:
-        base = make_config("vla", {})
-        overrides.update(steps=lm_steps, warmup=base.warmup * lm_steps // base.steps,
-                         save_every=max(1, base.save_every * lm_steps // base.steps))
+        overrides.update(_shortened(make_config("vla", {}), lm_steps))
     cfg = make_config("vla", overrides)
     stage("language model", lambda: (out / "lm" / f"ckpt-{cfg.steps:08d}" / "COMMITTED").exists(),
           lambda: train(cfg, progress))
@@ -244,3 +233,13 @@ def build_vla_demo(out: str, vision: str | os.PathLike | None = None, episodes: 
 
 def _json(path: Path):
     return json.loads(path.read_text())
+
+
+def _shortened(cfg, steps: int) -> dict:
+    """Overrides that run a stage in `steps` steps with the same proportions (warm-up, checkpoints, and
+    a VQ run's unquantised share)."""
+    scale = lambda n: n * steps // cfg.steps  # noqa: E731
+    out = {"steps": steps, "warmup": scale(cfg.warmup), "save_every": max(1, scale(cfg.save_every))}
+    if getattr(cfg, "ae_warmup", 0):
+        out["ae_warmup"] = scale(cfg.ae_warmup)
+    return out
