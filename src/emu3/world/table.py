@@ -28,7 +28,8 @@ from .scenes import _PLAIN, COLORS, SHAPES, SUPERSAMPLE, Shape, draw_shape
 
 SIZE, WRIST = 64, 32
 SPEED = 3.0  # pixels per step at |dx| = 1
-GRIP_R = 3.0  # the gripper's radius
+GRIP_R = 4.0  # the gripper's radius (drawn as a 2-px ring, or a disc when closed: thin enough and a
+#               64x64 tokenizer with 8x8-pixel codes loses it, and a policy then cannot find it)
 TARGET_R = 7.0
 PUSH_DIST = 14.0
 PLACE_TOL = 3.0
@@ -184,7 +185,7 @@ class TableEnv:
         if self.closed:
             d.ellipse([gx - r, gy - r, gx + r, gy + r], fill=GRIPPER)
         else:
-            d.ellipse([gx - r, gy - r, gx + r, gy + r], outline=GRIPPER, width=ss)
+            d.ellipse([gx - r, gy - r, gx + r, gy + r], outline=GRIPPER, width=2 * ss)
         canvas = np.asarray(img.resize((full, full), Image.BOX), dtype=np.uint8)
         table = canvas[m:m + SIZE, m:m + SIZE]
         cx, cy = int(round(self.gx)) + m, int(round(self.gy)) + m
