@@ -71,9 +71,9 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
     lm2_cfg = make_config("demo-2", overrides2)
     stage("language model, part 2", lambda: (out / "lm2" / f"ckpt-{lm2_cfg.steps:08d}" / "COMMITTED").exists(),
           lambda: train(lm2_cfg, progress))
-    recipe = {"seed": seed, "vq": json.loads((out / "vq" / "config.json").read_text()), "bpe_size": BPE_SIZE,
-              "dataset_counts": counts, "mix": MIX, "lm": json.loads((out / "lm" / "config.json").read_text()),
-              "lm_part2": json.loads((out / "lm2" / "config.json").read_text()),
+    recipe = {"seed": seed, "vq": _json(out / "vq" / "config.json"), "bpe_size": BPE_SIZE,
+              "dataset_counts": counts, "mix": MIX, "lm": _json(out / "lm" / "config.json"),
+              "lm_part2": _json(out / "lm2" / "config.json"),
               "stage_minutes": {k: round(v / 60, 1) for k, v in times.items()},
               "step_minutes": {"vision tokenizer": _step_minutes(out / "vq"),
                                "language model": _step_minutes(out / "lm"),
@@ -89,7 +89,7 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
 def _stages(out: Path, log):
     """A runner `stage(name, done, fn)` that skips stages whose `done()` holds and adds each stage's wall
     time to OUT/times.json (the dict it returns alongside)."""
-    times = json.loads((out / "times.json").read_text()) if (out / "times.json").exists() else {}
+    times = _json(out / "times.json") if (out / "times.json").exists() else {}
 
     def stage(name, done, fn):
         if done():
