@@ -17,18 +17,14 @@ import argparse
 import numpy as np
 
 from emu3.action import FASTTokenizer
-from emu3.generate import Request
 from emu3.pipeline import Emu3
 from emu3.vla import Policy
 from emu3.world.build import vla_windows
 from emu3.world.table import record
 
 
-def probe(policy: Policy, seeds, per_episode: int = 4, chunk: int = 5) -> dict:
-    vt, v = policy.emu._need_vision(), policy.emu.vocab
-    allowed = np.concatenate([np.asarray(policy.actions.lm_range), [v.boi, v.eos]])
-    cfg = policy.fast.config
-    cap = cfg.time_horizon * cfg.action_dim + 1  # as Policy.chunk: FAST's most symbols + the stop id
+def probe(policy: Policy, seeds, per_episode: int = 4) -> dict:
+    vt, chunk = policy.emu._need_vision(), policy.fast.config.time_horizon
     agree: dict[str, list[bool]] = {"dx": [], "dy": [], "grip": []}
     err = []
     for seed in seeds:
@@ -36,10 +32,7 @@ def probe(policy: Policy, seeds, per_episode: int = 4, chunk: int = 5) -> dict:
         for (f0, c0), (f1, c1) in list(vla_windows(ep, chunk, 2))[::7][:per_episode]:
             past = [c.numpy() for c in vt.encode_images([ep.table[f0], ep.wrist[f0]])]
             now = [c.numpy() for c in vt.encode_images([ep.table[f1], ep.wrist[f1]])]
-            prompt = policy.fmt.vla_prompt(ep.instruction, [(past, policy.fast.encode(c0))], now, policy.actions)
-            (res,) = policy.emu.engine.generate([Request(prompt, max_new_tokens=cap, allowed=allowed,
-                                                         stop=(v.boi, v.eos), text=policy.sampling)])
-            pred = np.clip(policy.fast.decode(policy.actions.from_lm(res.tokens)), -1, 1)
+            pred, _ = policy.decide(ep.instruction, [(past, policy.fast.encode(c0))], now)
             for name, i in (("dx", 0), ("dy", 1), ("grip", 2)):
                 if abs(c1[0, i]) > 0.3:
                     agree[name].append(bool(np.sign(c1[0, i]) == np.sign(pred[0, i])))

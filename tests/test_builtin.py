@@ -42,4 +42,3 @@ def test_builtin_policy_acts_on_a_table():
     assert acts.start + acts.count == emu.vocab.text_size
     chunk = Policy(emu, fast).chunk(TableEnv(100_000))
     assert chunk.shape == (recipe["fast"]["chunk"], 3) and np.all(np.abs(chunk) <= 1)
-

@@ -51,8 +51,14 @@ class Policy:
     def chunk(self, env: TableEnv) -> np.ndarray:
         """Query the model once: (T, 3) actions for the current observation."""
         views = self._views(env)
+        chunk, tokens = self.decide(env.instruction, self.history[-1:], views)
+        self.history = [(views, tokens if len(tokens) else np.zeros(1, np.int64))]
+        return chunk
+
+    def decide(self, instruction: str, history: list, views: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(T, 3) actions and their FAST tokens for `views` after `history` [(views, tokens)]."""
         v = self.emu.vocab
-        prompt = self.fmt.vla_prompt(env.instruction, self.history[-1:], views, self.actions)
+        prompt = self.fmt.vla_prompt(instruction, history, views, self.actions)
         allowed = np.concatenate([np.asarray(self.actions.lm_range), [v.boi, v.eos]])
         cap = self.fast.config.time_horizon * self.fast.config.action_dim + 1  # FAST's most symbols + the stop id
         req = Request(prompt, max_new_tokens=cap, allowed=allowed, stop=(v.boi, v.eos), text=self.sampling,
@@ -65,8 +71,7 @@ class Policy:
         chunk = np.clip(self.fast.decode(tokens), -1, 1)
         self.stats.tokenizer_s += time.perf_counter() - t0
         self.stats.queries += 1
-        self.history = [(views, tokens if len(tokens) else np.zeros(1, np.int64))]
-        return chunk
+        return chunk, tokens
 
     def __call__(self, env: TableEnv) -> np.ndarray:
         if not self.plan:

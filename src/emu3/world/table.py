@@ -28,8 +28,8 @@ from .scenes import _PLAIN, COLORS, SHAPES, SUPERSAMPLE, Shape, draw_shape
 
 SIZE, WRIST = 64, 32
 SPEED = 3.0  # pixels per step at |dx| = 1
-GRIP_R = 4.0  # the gripper's radius (drawn as a 2-px ring, or a disc when closed: thin enough and a
-#               64x64 tokenizer with 8x8-pixel codes loses it, and a policy then cannot find it)
+GRIP_R = 4.0  # the gripper's radius; drawn as a 2-px ring (a disc when closed): a 1-px ring of radius 3
+#               vanished in the tokenizer's 8x8-pixel codes, and the policy could not find it
 TARGET_R = 7.0
 PUSH_DIST = 14.0
 PLACE_TOL = 3.0
