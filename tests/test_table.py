@@ -119,7 +119,7 @@ def test_demonstrations_become_vla_training_rows(tmp_path):
     fast = FASTTokenizer.fit(chunks, scale=10, vocab_size=128)
     text = TextTokenizer.train([e.instruction for e in eps] * 3, 300, 1024, min_frequency=1, reserved=128)
     acts = ActionIds(text.vocab.text_size, 128)
-    n = build_vla(tmp_path / "vla", VisionTokenizer.from_preset("demo"), text, fast, acts, episodes=2,
+    n = build_vla(tmp_path / "vla", VisionTokenizer.from_preset("demo"), text, fast, acts, episodes=2, window=2,
                   progress=False)
     ds = TokenDataset(tmp_path / "vla")
     assert len(ds) == n == len(eps[0].actions) + len(eps[1].actions)  # a window per step
@@ -139,7 +139,8 @@ def test_demonstrations_become_vla_training_rows(tmp_path):
 
 def test_policy_closed_loop_on_a_tiny_model(tmp_path):
     """The policy machinery end to end on a random model: constrained action decoding, FAST decoding,
-    the sliding window, and the evaluation's figures (success itself needs trained weights)."""
+    the sliding window, the evaluation's figures (success itself needs trained weights) and DAgger
+    records (the policy's states, the expert's chunks)."""
     import torch
 
     from emu3.action import FASTTokenizer
@@ -160,9 +161,15 @@ def test_policy_closed_loop_on_a_tiny_model(tmp_path):
     save_model(model, tmp_path / "m", tokenizer=text, vq=vision.model,
                extra_files={"vision_tokenizer": {"preprocessor_config.json": vision.processor.to_dict()}})
     fast.save_pretrained(tmp_path / "m")
-    policy = Policy(Emu3.from_pretrained(tmp_path / "m"), fast)
-    chunk = policy.chunk(TableEnv(100_000))
+    emu = Emu3.from_pretrained(tmp_path / "m")
+    policy = Policy(emu, fast, history=1)
+    env = TableEnv(100_000)
+    chunk = policy.chunk(env)
     assert chunk.shape == (5, 3) and np.abs(chunk).max() <= 1 and len(policy.history) == 1
+    policy.chunk(env)
+    assert len(policy.history) == 1  # a sliding window of one earlier frame
+    policy = Policy(emu, fast)  # the default: the current views only
+    assert policy.chunk(env).shape == (5, 3) and policy.history == []
     r = evaluate(policy, episodes=2, horizon=60)
     assert r["expert"] == 1.0 and r["random"] == 0.0 and 0 <= r["policy"] <= 1
     assert r["queries"] >= 3 and r["actions_per_s"] > 0
@@ -172,6 +179,33 @@ def test_policy_closed_loop_on_a_tiny_model(tmp_path):
     assert main(["eval-vla", "--model", str(tmp_path / "m"), "--episodes", "1", "--horizon", "10",
                  "--json", str(tmp_path / "r.json")]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["episodes"] == 1
+
+    from emu3.action import ActionIds
+    from emu3.data.shards import TokenDataset
+    from emu3.world.build import build_dagger, expert_chunk
+
+    r = build_dagger(tmp_path / "dagger", policy, vision, text, fast, ActionIds(text.vocab.text_size, 64), episodes=1,
+                     seed=3, progress=False)
+    visited = rollout(TableEnv(3 * 1_000_003), Policy(emu, fast))  # greedy: the same states again
+    ds = TokenDataset(tmp_path / "dagger")
+    assert r["records"] == len(ds) == len(visited.actions) and r["policy_success"] == float(visited.success)
+    replay = TableEnv(3 * 1_000_003)
+    for t, a in enumerate(visited.actions[:12]):
+        label = fast.decode(ds[t].fields["a0"])
+        assert np.abs(label - expert_chunk(replay, 5)).max() <= fast.max_error + 1e-6
+        replay.step(a)
+
+
+def test_expert_chunk_is_what_the_expert_does_next():
+    from emu3.world.build import action_chunk, expert_chunk
+
+    env = TableEnv(5)
+    ep = rollout(TableEnv(5), expert)
+    assert np.allclose(expert_chunk(env, 5), ep.actions[:5])
+    for a in ep.actions[:-2]:
+        env.step(a)
+    assert env.steps == len(ep.actions) - 2 and not env.success()
+    assert np.allclose(expert_chunk(env, 5), action_chunk(ep.actions, len(ep.actions) - 2, 5))  # held after success
 
 
 def test_eval_vla_refuses_a_folder_without_fast_tokens(tmp_path, model_folder, capsys):

@@ -194,7 +194,8 @@ def test_build_demo_end_to_end_and_resumable(tmp_path):
 @pytest.mark.slow
 def test_build_vla_end_to_end_and_resumable(tmp_path):
     """The VLA recipe, shortened (a random demo-preset vision tokenizer, 4 episodes, 3 steps): every
-    stage runs, the folder carries its FAST tokenizer, the policy runs closed-loop, a rerun skips all."""
+    stage runs (DAgger included), the folder carries its FAST tokenizer, the policy runs closed-loop, a
+    rerun skips all."""
     from emu3.action import FASTTokenizer
     from emu3.pipeline import Emu3
     from emu3.vision import VisionTokenizer
@@ -208,6 +209,8 @@ def test_build_vla_end_to_end_and_resumable(tmp_path):
     recipe = json.loads((final / "RECIPE.json").read_text())
     assert recipe["lm"]["steps"] == 3 and recipe["lm"]["vision_weight"] == 0.5 and recipe["episodes"] == 4
     assert recipe["vision_tokenizer"]["steps"] == 3 and recipe["vision_eval"]["table_psnr"] > 0
+    assert recipe["lm_dagger"]["steps"] == 3 and recipe["lm_dagger"]["model"].endswith("lm-bc")
+    assert recipe["dagger"]["episodes"] == 1 and recipe["dagger"]["records"] >= 1  # 4 // 5 -> at least one
     emu = Emu3.from_pretrained(final)
     fast = FASTTokenizer.from_pretrained(final)
     assert fast.config.vocab_size == 256 and emu.vocab.text_size >= 256
@@ -216,7 +219,7 @@ def test_build_vla_end_to_end_and_resumable(tmp_path):
     logs.clear()
     build_vla_demo(tmp_path / "b", vision=tmp_path / "vq", episodes=4, lm_steps=3, vq_steps=3, progress=False,
                    log=logs.append)
-    assert sum("done already" in line for line in logs) == 5
+    assert sum("done already" in line for line in logs) == 8
 
 
 def test_report_vla_section_shows_a_success_and_a_failure():

@@ -361,7 +361,7 @@ def cmd_eval_vla(args) -> None:
         raise InputError(f"{args.model} has no fast_tokenizer.json: not a VLA model folder (emu3 build-vla makes one)")
     emu = _pipeline(args)
     policy = Policy(emu, FASTTokenizer.from_pretrained(args.model), temperature=args.temperature or 0.0,
-                    seed=args.seed)
+                    seed=args.seed, history=args.history)
     r = evaluate(policy, args.episodes, horizon=args.horizon)
     if args.json:
         with atomic_file(Path(args.json)) as tmp:
@@ -579,6 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval-vla", help="closed-loop success of a VLA model on the table-top task")
     p.add_argument("--episodes", type=int, default=100, metavar="N", help="held-out tables (seeds 100,000+)")
     p.add_argument("--horizon", type=int, default=80, help="steps per episode")
+    p.add_argument("--history", type=int, default=0, choices=(0, 1),
+                   help="earlier frames in each prompt (1: the paper's two-frame window; 0, the default, "
+                        "avoids the copycat problem: see emu3.vla)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     lm_opts(p)
     p.set_defaults(func=cmd_eval_vla)

@@ -140,9 +140,11 @@ STAGES["demo"] = dict(model="demo", seq_len=512, batch_size=16, steps=2400, lr=1
 # Part 2 of the built-in model: from part 1's weights (recipe sets model=), the same data again.
 STAGES["demo-2"] = {**STAGES["demo"], "steps": 3000, "lr": 4e-4, "min_lr": 2e-5, "warmup": 50}
 # The built-in VLA policy (emu3.world.recipe.build_vla_demo sets its data): expert demonstrations of the
-# table-top task as two-frame windows; vision weighs 0.5 and actions 1.0, as in the paper.
+# table-top task as one-frame windows; vision weighs 0.5 and actions 1.0, as in the paper. Then
+# `vla-dagger`: from its weights (recipe sets model=), demonstrations and DAgger records together.
 STAGES["vla"] = dict(model="demo", seq_len=512, batch_size=16, steps=1500, lr=1e-3, min_lr=5e-5, warmup=100,
                      dropout=0.0, vision_weight=0.5, weight_decay=0.1, grad_clip=1.0, save_every=100, keep_last=2)
+STAGES["vla-dagger"] = {**STAGES["vla"], "steps": 800, "lr": 4e-4, "min_lr": 2e-5, "warmup": 30}
 # Small twins: the same recipes for the tiny model on this machine.
 _TINY = dict(model="tiny", seq_len=512, batch_size=4, steps=200, warmup=10, save_every=50)
 STAGES.update({

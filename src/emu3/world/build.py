@@ -152,11 +152,66 @@ def vla_windows(episode, chunk: int, window: int):
 
 
 def build_vla(out: str | os.PathLike, vision, text, fast, actions, episodes: int, seed: int = 0, chunk: int = 5,
-              window: int = 2, noise: float = 0.1, progress: bool = True) -> int:
+              window: int = 1, noise: float = 0.1, progress: bool = True) -> int:
     """Expert demonstrations as `vla` records (instruction, table and wrist codes, FAST tokens);
     episode i is emu3.world.table.record(seed * 1_000_003 + i). Returns the record count."""
     from .table import record
 
+    def episodes_():
+        for i in range(episodes):
+            ep = record(seed * 1_000_003 + i, noise)
+            yield ep, vla_windows(ep, chunk, window)
+
+    return _write_vla(out, episodes_(), episodes, vision, text, fast, actions, window, "demonstrations", progress)
+
+
+def expert_chunk(env, chunk: int) -> np.ndarray:
+    """(chunk, 3): what the noise-free expert does next from env's state (on a copy), held still after
+    it succeeds, like the end of a demonstration (action_chunk)."""
+    import copy
+
+    from .table import expert
+
+    env = copy.deepcopy(env)
+    acts = []
+    for _ in range(chunk):
+        acts.append(expert(env))
+        if env.step(acts[-1]):
+            break
+    return action_chunk(np.asarray(acts, np.float32), 0, chunk)
+
+
+def build_dagger(out: str | os.PathLike, policy, vision, text, fast, actions, episodes: int, seed: int = 0,
+                 chunk: int = 5, progress: bool = True) -> dict:
+    """DAgger (Ross et al., 2011): run `policy` (an emu3.vla.Policy) closed-loop on training tables
+    (seeds seed * 1_000_003 + i, those of the demonstrations) and label every state it visits with the
+    expert's next chunk from there, as one-frame `vla` records. Behaviour cloning only sees states
+    near the expert's path; these teach the way back from the policy's own mistakes. Returns the
+    policy's success rate on these tables and the record count."""
+    from .table import TableEnv, rollout
+
+    wins = []
+
+    def episodes_():
+        for i in range(episodes):
+            env, labels = TableEnv(seed * 1_000_003 + i), []
+            policy.reset()
+
+            def act(e, labels=labels):
+                labels.append(expert_chunk(e, chunk))
+                return policy(e)
+
+            ep = rollout(env, act)
+            wins.append(ep.success)
+            yield ep, [[(t, c)] for t, c in enumerate(labels)]
+
+    n = _write_vla(out, episodes_(), episodes, vision, text, fast, actions, 1, "DAgger rollouts", progress)
+    return {"records": n, "policy_success": float(np.mean(wins)), "episodes": episodes}
+
+
+def _write_vla(out, episodes, total: int, vision, text, fast, actions, window: int, desc: str,
+               progress: bool) -> int:
+    """episodes: (Episode, windows) pairs, each window [(frame index, (chunk, 3) actions)]."""
     out = Path(out)
     vocab = {"text_size": text.vocab.text_size, "codebook_size": text.vocab.codebook_size}
     if actions.start + actions.count != text.vocab.text_size or fast.config.vocab_size > actions.count:
@@ -167,13 +222,12 @@ def build_vla(out: str | os.PathLike, vision, text, fast, actions, episodes: int
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=episodes, unit="episode", desc="demonstrations", dynamic_ncols=True)
-    for i in range(episodes):
-        ep = record(seed * 1_000_003 + i, noise)
+        bar = tqdm(total=total, unit="episode", desc=desc, dynamic_ncols=True)
+    for ep, windows in episodes:
         codes = [c.numpy() for c in vision.encode_images(list(ep.table) + list(ep.wrist))]
         n = len(ep.table)
         instruction = np.asarray(text.encode(ep.instruction, allow_special=False), np.int64)
-        for frames in vla_windows(ep, chunk, window):
+        for frames in windows:
             fields = {"instruction": instruction}
             for j, (s, act) in enumerate(frames):
                 fields[f"v{j}_0"], fields[f"v{j}_1"] = codes[s], codes[n + s]

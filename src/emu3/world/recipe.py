@@ -143,7 +143,9 @@ def package(out: str | os.PathLike, dest: str | os.PathLike, recipe: dict | None
 # --------------------------------------------------------------------------------------------
 # The VLA policy (issue: vision-language-action)
 
-VLA_EPISODES = 3000  # expert demonstrations (about 21 steps each, one two-frame window per step)
+VLA_EPISODES = 3000  # expert demonstrations (about 21 steps each, one window per step)
+VLA_WINDOW = 1  # frames per training window: the policy sees the current views only (emu3.vla: "copycat")
+VLA_DAGGER_SHARE = 5  # DAgger rolls the behaviour-cloned policy out on the first 1/5 of the training tables
 VLA_FAST_VOCAB = 256  # FAST tokens, on the last 256 text ids
 VLA_BPE = 384  # text BPE over the instructions (plus the reserved action ids)
 VLA_CHUNK = 5  # actions per chunk
@@ -162,17 +164,21 @@ def build_vla_demo(out: str, vision: str | os.PathLike | None = None, episodes: 
     """`emu3 build-vla OUT`: the vision tokenizer fine-tuned on table-top frames (`train-vq table`
     from the built-in model's, or `vision`: the world's scenes have no rings and no gripper, and the
     tokenizer lost the gripper altogether), text BPE with room for FAST tokens, FAST fitted on expert
-    chunks, demonstrations as token shards, the `vla` training stage, export with fast_tokenizer.json.
-    Every stage resumes."""
+    chunks, demonstrations as one-frame token records, the `vla` training stage (behaviour cloning), a
+    DAgger round (the cloned policy's own states labelled by the expert) and `vla-dagger` training from
+    the cloned weights on both, export with fast_tokenizer.json. Every stage resumes."""
     from ..action import ActionIds, FASTTokenizer
     from ..assets import builtin_model
     from ..errors import InputError
+    from ..fsutil import atomic_file
+    from ..pipeline import Emu3
     from ..tokenizer import TextTokenizer
     from ..train.config import make_config
-    from ..train.trainer import train
+    from ..train.trainer import export, train
     from ..train.vq import make_vq_config, train_vq
     from ..vision import VisionTokenizer
-    from .build import build_vla, vla_windows
+    from ..vla import Policy
+    from .build import build_dagger, build_vla, vla_windows
     from .table import record
 
     out = Path(out)
@@ -208,7 +214,7 @@ def build_vla_demo(out: str, vision: str | os.PathLike | None = None, episodes: 
     actions = ActionIds(text.vocab.text_size, fast.config.vocab_size)
     stage("demonstrations", lambda: (out / "data" / "index.json").exists(),
           lambda: build_vla(out / "data", vq, text, fast, actions, episodes, seed, chunk=VLA_CHUNK,
-                            progress=progress))
+                            window=VLA_WINDOW, progress=progress))
     overrides = {"data": f"{out / 'data'}:1.0", "text_tokenizer": str(out / "text"), "out": str(out / "lm"),
                  "seed": seed}
     if lm_steps:
@@ -216,17 +222,43 @@ def build_vla_demo(out: str, vision: str | os.PathLike | None = None, episodes: 
     cfg = make_config("vla", overrides)
     stage("language model", lambda: (out / "lm" / f"ckpt-{cfg.steps:08d}" / "COMMITTED").exists(),
           lambda: train(cfg, progress))
+    extra = {"fast_tokenizer.json": fast.to_dict()}
+
+    # DAgger: the behaviour-cloned policy drives on training tables, the expert labels where it went,
+    # and training goes on from its weights on demonstrations and these records together
+    def export_bc():
+        export(out / "lm", out / "lm-bc")
+        package(out, out / "emu3-vla-bc", extra=extra)
+
+    def dagger():
+        policy = Policy(Emu3.from_pretrained(out / "emu3-vla-bc"), fast)
+        stats = build_dagger(out / "dagger", policy, vq, text, fast, actions, max(1, episodes // VLA_DAGGER_SHARE),
+                             seed, chunk=VLA_CHUNK, progress=progress)
+        with atomic_file(out / "dagger.json") as tmp:
+            tmp.write_text(json.dumps(stats, indent=1))
+
+    stage("behaviour-cloning export", lambda: (out / "emu3-vla-bc" / "fast_tokenizer.json").exists(), export_bc)
+    stage("DAgger rollouts", lambda: (out / "dagger.json").exists(), dagger)
+    overrides2 = {**overrides, "data": f"{out / 'data'}:1.0,{out / 'dagger'}:1.0", "out": str(out / "lm-dagger"),
+                  "model": str(out / "lm-bc"), "seed": seed + 1}
+    if lm_steps:
+        overrides2.update(_shortened(make_config("vla-dagger", {}), lm_steps))
+    cfg2 = make_config("vla-dagger", overrides2)
+    stage("language model, DAgger", lambda: (out / "lm-dagger" / f"ckpt-{cfg2.steps:08d}" / "COMMITTED").exists(),
+          lambda: train(cfg2, progress))
     command = (f"emu3 build-vla {out}" + (f" --vision {given}" if given else "")
                + (f" --episodes {episodes}" if episodes != VLA_EPISODES else "")
                + (f" --lm-steps {lm_steps}" if lm_steps else "") + (f" --vq-steps {vq_steps}" if vq_steps else ""))
     recipe = {"seed": seed, "vision_tokenizer": {"init": str(vision), **_json(out / "vq" / "config.json")},
               "vision_eval": _json(out / "vq" / "eval.json"), "episodes": episodes, "bpe_size": VLA_BPE,
-              "fast": {"vocab_size": VLA_FAST_VOCAB, "scale": 10.0, "chunk": VLA_CHUNK},
-              "lm": _json(out / "lm" / "config.json"),
+              "fast": {"vocab_size": VLA_FAST_VOCAB, "scale": 10.0, "chunk": VLA_CHUNK}, "window": VLA_WINDOW,
+              "lm": _json(out / "lm" / "config.json"), "dagger": _json(out / "dagger.json"),
+              "lm_dagger": _json(out / "lm-dagger" / "config.json"),
               "stage_minutes": {k: round(v / 60, 1) for k, v in times.items()},
-              "step_minutes": {"language model": _step_minutes(out / "lm")}, "torch": torch.__version__,
-              "command": command}
-    final = package(out, out / "emu3-vla", recipe, extra={"fast_tokenizer.json": fast.to_dict()})
+              "step_minutes": {"language model": _step_minutes(out / "lm"),
+                               "language model, DAgger": _step_minutes(out / "lm-dagger")},
+              "torch": torch.__version__, "command": command}
+    final = package(out, out / "emu3-vla", recipe, lm="lm-dagger", extra=extra)
     log(f"wrote {final}")
     return final
 
