@@ -239,3 +239,12 @@ def test_report_vla_section_shows_a_success_and_a_failure():
     section = vla_section(Alternating(), tries=4)
     assert section.count("data:image/gif;base64") == 2 and "2 of 4 episodes succeeded" in section
     assert "success: " in section and "failure: " in section
+
+    class FailsFifth(Alternating):  # a good policy: the report looks further for a failure to show
+        def __call__(self, env):
+            return expert(env) if self.n != 4 else np.zeros(3)
+
+    section = vla_section(FailsFifth(), tries=2)
+    assert section.count("data:image/gif;base64") == 2 and "4 of 5 episodes succeeded" in section
+    section = vla_section(FailsFifth(), tries=2, most=3)  # none within reach: the success alone
+    assert section.count("data:image/gif;base64") == 1 and "3 of 3 episodes succeeded. The first success, " in section

@@ -614,14 +614,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_build_demo)
 
-    p = sub.add_parser("build-vla", help="train the table-top VLA policy: FAST tokens, demonstrations, training, "
-                                         "export (OUT/emu3-vla)")
+    p = sub.add_parser("build-vla", help="train the table-top VLA policy: FAST tokens, demonstrations, "
+                                         "behaviour cloning, a DAgger round, export (OUT/emu3-vla)")
     p.add_argument("output", metavar="OUT")
     p.add_argument("--vision", metavar="DIR", help="vision tokenizer to fine-tune on the table (default: the "
                                                    "built-in model's)")
     p.add_argument("--vq-steps", type=int, help="default: the table preset's (train-vq table)")
     p.add_argument("--episodes", type=int, help="expert demonstrations (default 3000)")
-    p.add_argument("--lm-steps", type=int, help="default: the vla preset's")
+    p.add_argument("--lm-steps", type=int, help="steps of each training stage (default: the vla and vla-dagger "
+                                                "presets')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_build_vla)

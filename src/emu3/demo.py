@@ -51,25 +51,27 @@ border:1px solid #ccc}figcaption{font-size:13px;margin-top:4px}.ok{color:#1a7f37
 table{border-collapse:collapse;margin-top:8px}td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}"""
 
 
-def vla_section(policy, seed: int = 200_000, tries: int = 8) -> str:
+def vla_section(policy, seed: int = 200_000, tries: int = 8, most: int = 32) -> str:
     """Closed-loop rollouts of a VLA policy (emu3.vla.Policy) on held-out tables: GIFs of the table view
-    for the first success and the first failure among `tries` episodes, and the success count."""
+    for the first success and the first failure, and the success count: `tries` episodes, or more (up
+    to `most`) until both a success and a failure have been seen."""
     from .world.table import TableEnv, rollout
 
     shown: dict[bool, str] = {}
-    wins = 0
-    for i in range(tries):
+    wins = n = 0
+    while n < tries or (len(shown) < 2 and n < most):
         policy.reset()
-        ep = rollout(TableEnv(seed + i), policy)
-        wins += ep.success
+        ep = rollout(TableEnv(seed + n), policy)
+        wins, n = wins + ep.success, n + 1
         if ep.success not in shown:
             what = "success" if ep.success else "failure"
             shown[ep.success] = _figure(_gif(ep.table), f"{what}: {ep.instruction} ({len(ep.actions)} steps)",
                                         ep.success)
     figs = [shown[k] for k in (True, False) if k in shown]
+    which = " and ".join(f"the first {w}" for k, w in ((True, "success"), (False, "failure")) if k in shown)
     return (f'<section><h2>Vision-language-action</h2><p>The policy in the loop on held-out tables (seeds {seed}+): '
-            f'{wins} of {tries} episodes succeeded. The first success and the first failure, as the table camera '
-            f'saw them:</p><div class="grid">{"".join(figs)}</div></section>')
+            f'{wins} of {n} episodes succeeded. {which.capitalize()}, as the table camera '
+            f'saw {"them" if len(figs) > 1 else "it"}:</p><div class="grid">{"".join(figs)}</div></section>')
 
 
 def build_report(emu, out: str, seed: int = 50_000, eval_sizes: dict | None = None, model_name: str = "",
