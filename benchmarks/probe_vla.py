@@ -3,11 +3,11 @@
 For windows of expert demonstrations (4 from each of N episodes, on training seeds 0+ and held-out
 seeds 100,000+), the model gets the current views (with --history 1 also the expert's previous frame
 and chunk), decodes its chunk greedily, and we score the first action against the expert's: sign
-agreement of dx, dy (where the expert's |value| > 0.3) and grip, and the chunk's mean absolute error. Similar scores on
-both seed ranges mean the model underfits; a gap means it overfits. Not a speed benchmark: no
-baseline ratio.
+agreement of dx, dy (where the expert's |value| > 0.3) and grip, and the chunk's mean absolute
+error. Similar scores on both seed ranges mean the model underfits; a gap means it overfits. Not a
+speed benchmark: no baseline ratio.
 
-    python benchmarks/probe_vla.py runs/vla3/emu3-vla [--episodes 25] [--history 1]
+    python benchmarks/probe_vla.py runs/vla/emu3-vla [--episodes 25] [--history 1]
 """
 
 from __future__ import annotations
@@ -30,9 +30,11 @@ def probe(policy: Policy, seeds, per_episode: int = 4, history: int = 0) -> dict
     for seed in seeds:
         ep = record(seed)
         for (f0, c0), (f1, c1) in list(vla_windows(ep, chunk, 2))[::7][:per_episode]:
-            past = [c.numpy() for c in vt.encode_images([ep.table[f0], ep.wrist[f0]])]
             now = [c.numpy() for c in vt.encode_images([ep.table[f1], ep.wrist[f1]])]
-            pred, _ = policy.decide(ep.instruction, [(past, policy.fast.encode(c0))][:history], now)
+            past = []  # the expert's previous frame and chunk, with --history 1
+            if history:
+                past = [([c.numpy() for c in vt.encode_images([ep.table[f0], ep.wrist[f0]])], policy.fast.encode(c0))]
+            pred, _ = policy.decide(ep.instruction, past, now)
             for name, i in (("dx", 0), ("dy", 1), ("grip", 2)):
                 if abs(c1[0, i]) > 0.3:
                     agree[name].append(bool(np.sign(c1[0, i]) == np.sign(pred[0, i])))
