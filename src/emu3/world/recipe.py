@@ -115,10 +115,10 @@ def _step_minutes(run: Path) -> float:
 
 def package(out: str | os.PathLike, dest: str | os.PathLike, recipe: dict | None = None,
             checkpoint: str | os.PathLike | None = None, vision: str | os.PathLike | None = None,
-            extra: dict | None = None, lm: str = "lm") -> Path:
-    """The model folder the package ships: a build's LM checkpoint (default: the newest) in 16-bit
-    floats with its text and vision tokenizers (default: the build's own, OUT/vq/tokenizer), DEFAULTS,
-    the recipe when given, and `extra` files (name -> JSON)."""
+            extra: dict | None = None, lm: str = "lm", exported: str | os.PathLike | None = None) -> Path:
+    """The model folder the package ships: a build's LM checkpoint (default: the newest; or a folder
+    `export` already wrote, `exported`) in 16-bit floats with its text and vision tokenizers (default:
+    the build's own, OUT/vq/tokenizer), DEFAULTS, the recipe when given, and `extra` files (name -> JSON)."""
     import tempfile
 
     from ..checkpoint import load_model, save_model
@@ -127,9 +127,12 @@ def package(out: str | os.PathLike, dest: str | os.PathLike, recipe: dict | None
     from ..vision import VisionTokenizer
 
     out = Path(out)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        export(out / lm, Path(tmp) / "fp32", checkpoint=checkpoint)
-        model = load_model(Path(tmp) / "fp32").half()
+    if exported is not None:
+        model = load_model(exported).half()
+    else:
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            export(out / lm, Path(tmp) / "fp32", checkpoint=checkpoint)
+            model = load_model(Path(tmp) / "fp32").half()
     vq16 = VisionTokenizer.from_pretrained(vision or out / "vq" / "tokenizer")
     vq16.model.half()
     extra = {"vision_tokenizer": {"preprocessor_config.json": vq16.processor.to_dict()},
@@ -228,7 +231,7 @@ def build_vla_demo(out: str, vision: str | os.PathLike | None = None, episodes: 
     # and training goes on from its weights on demonstrations and these records together
     def export_bc():
         export(out / "lm", out / "lm-bc")
-        package(out, out / "emu3-vla-bc", extra=extra)
+        package(out, out / "emu3-vla-bc", extra=extra, exported=out / "lm-bc")
 
     def dagger():
         policy = Policy(Emu3.from_pretrained(out / "emu3-vla-bc"), fast)
