@@ -49,6 +49,16 @@ def test_language_matches_the_scene():
     assert qa["what color is the square"] == "blue"
     assert qa["is the red circle left of the blue square"] == "yes"
     assert qa["is the red circle right of the blue square"] == "no"
+    kinds = {q: bench.question_kind(q) for q in qa}
+    assert kinds["how many circles are there"] == "count" and kinds["what color is the square"] == "color"
+    assert kinds["is the red circle left of the blue square"] == "relation"
+    assert kinds["is the red circle on the left or on the right"] == "side" and qa[
+        "is the red circle on the left or on the right"] == "left"
+    assert {k for q, k in kinds.items() if q.startswith("is there")} == {"existence"}
+    # every template the world asks falls in one of the kinds the evaluator reports
+    seen = {bench.question_kind(q) for i in range(200)
+            for q, _ in questions(sample_scene(np.random.default_rng(i)), rng, 3)}
+    assert seen == set(bench.QUESTION_KINDS)
 
 
 def test_motion_bounces_and_stays_inside():

@@ -93,15 +93,32 @@ def eval_generation(emu, n_per_category: int = 16, seed: int = 10_000, batch_siz
     return result
 
 
+QUESTION_KINDS = ("count", "color", "existence", "relation", "side")
+
+
+def question_kind(question: str) -> str:
+    """Which of the world's question templates (emu3.world.scenes.questions) asked this."""
+    if question.startswith("how many"):
+        return "count"
+    if question.startswith("what color"):
+        return "color"
+    if question.startswith("is there"):
+        return "existence"
+    return "side" if question.endswith("on the left or on the right") else "relation"
+
+
 def eval_understanding(emu, n: int = 200, seed: int = 20_000) -> dict:
+    """Exact-match accuracy, overall and per question kind (count, color, existence, relation, side)."""
     rng = np.random.default_rng(seed)
-    right = []
+    right = {k: [] for k in QUESTION_KINDS}
     for _ in range(n):
         scene = sample_scene(rng)
         (q, a), = questions(scene, rng, 1)
         answer = emu.chat(render(scene), q, max_new_tokens=4)
-        right.append(answer.strip().strip(".").lower() == a)
-    return {"accuracy": float(np.mean(right)), "questions": n}
+        right[question_kind(q)].append(answer.strip().strip(".").lower() == a)
+    kinds = {k: float(np.mean(v)) for k, v in right.items() if v}
+    return {"accuracy": float(np.mean(sum(right.values(), []))), **kinds, "questions": n,
+            "asked": {k: len(v) for k, v in right.items() if v}}
 
 
 def eval_video(emu, n: int = 24, seed: int = 30_000, tolerance: float = 4.0) -> dict:
