@@ -192,13 +192,14 @@ def test_build_demo_end_to_end_and_resumable(tmp_path):
     recipe = json.loads((final / "RECIPE.json").read_text())
     assert recipe["vq"]["steps"] == 12 and recipe["lm"]["steps"] == 4 and recipe["dataset_counts"] == counts
     assert recipe["lm_part2"]["steps"] == 4 and recipe["lm_part2"]["model"] == str(tmp_path / "b" / "lm-part1")
+    assert recipe["lm_part3"]["model"] == str(tmp_path / "b" / "lm-part2") and recipe["lm_part3"]["seed"] == 2
     emu = Emu3.from_pretrained(final)
     (image,) = emu.generate_images(["a red circle"], seed=0)
     assert image.pixels.shape == (64, 64, 3)
     assert isinstance(emu.chat(image.pixels, "what color is the circle", max_new_tokens=2), str)
     logs.clear()
     build_demo(tmp_path / "b", vq_steps=12, lm_steps=4, counts=counts, progress=False, log=logs.append)
-    assert sum("done already" in line for line in logs) == 6
+    assert sum("done already" in line for line in logs) == 8
 
 
 @pytest.mark.slow

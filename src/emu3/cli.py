@@ -416,7 +416,7 @@ def cmd_serve(args) -> None:
 def cmd_build_demo(args) -> None:
     from .world.recipe import build_demo
 
-    build_demo(args.output, vq_steps=args.vq_steps, lm_steps=args.lm_steps, seed=args.seed,
+    build_demo(args.output, vq_steps=args.vq_steps, lm_steps=args.lm_steps, seed=args.seed, parts=args.parts,
                progress=not args.quiet)
 
 
@@ -610,6 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", metavar="OUT")
     p.add_argument("--vq-steps", type=int, help="default: the demo VQ recipe's (emu3.train.vq.VQ_STAGES)")
     p.add_argument("--lm-steps", type=int, help="default: the demo preset's")
+    p.add_argument("--parts", type=int, help="language-model parts, each from the last one's weights "
+                   "(default: emu3.world.recipe.DEMO_PARTS)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_build_demo)

@@ -3,9 +3,9 @@
 1. `train-vq demo`: the vision tokenizer, on world images and 16-frame clips;
 2. a byte-level BPE trained on the world's captions, questions and stories;
 3. token shards: captioned images, QA, videos and stories (emu3.world.build);
-4. `train demo`: the language model on their mixture (weights below), then `train demo-2`: the same
-   mixture again from those weights with a fresh warm-up and cosine (part 2 was added when part 1's
-   2,400 steps proved too few; the model ships from part 2);
+4. `train demo`: the language model on their mixture (weights below), then `train demo-2` twice (parts
+   2 and 3, DEMO_PARTS): the same mixture again from the previous part's weights with a fresh warm-up
+   and cosine (added when part 1's 2,400 steps proved too few; the model ships from the last part);
 5. export (16-bit floats), `emu3_defaults.json`, `RECIPE.json` (every setting and seed), evaluation.
 
 Every stage leaves its output under OUT and is skipped when it is already there, so a stopped run
@@ -25,12 +25,13 @@ import torch
 MIX = {"images": 0.55, "qa": 0.25, "videos": 0.12, "stories": 0.08}
 COUNTS = {"images": 100_000, "qa": 50_000, "videos": 8000, "stories": 6000}
 BPE_SIZE = 768
+DEMO_PARTS = 3  # language-model parts: `demo`, then `demo-2` from the previous part's weights, twice
 DEFAULTS = {"positive_suffix": "", "negative_prompt": "", "cfg_scale": 3.0, "image_top_k": 16,
             "image_temperature": 1.0, "text_temperature": 0.0, "max_new_tokens": 16, "video_fps": 8.0}
 
 
 def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = None, counts: dict | None = None,
-               seed: int = 0, progress: bool = True, log=print) -> Path:
+               seed: int = 0, parts: int | None = None, progress: bool = True, log=print) -> Path:
     from ..tokenizer import TextTokenizer
     from ..train.config import make_config
     from ..train.trainer import export, train
@@ -41,6 +42,9 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     counts = counts or COUNTS
+    parts = parts or DEMO_PARTS
+    if parts < 1:
+        raise ValueError(f"parts must be at least 1, got {parts}")
     stage, times = _stages(out, log)
 
     vq_over = [f"out={out / 'vq'}", f"seed={seed}"]
@@ -62,26 +66,32 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
     lm_cfg = make_config("demo", overrides)
     stage("language model", lambda: (out / "lm" / f"ckpt-{lm_cfg.steps:08d}" / "COMMITTED").exists(),
           lambda: train(lm_cfg, progress))
-    # part 2: the same mixture again from part 1's weights, with a fresh warm-up and cosine
-    stage("language model export", lambda: (out / "lm-part1" / "config.json").exists(),
-          lambda: export(out / "lm", out / "lm-part1"))
-    overrides2 = {**overrides, "out": str(out / "lm2"), "model": str(out / "lm-part1"), "seed": seed + 1}
-    if lm_steps:
-        overrides2.update(_shortened(make_config("demo-2", {}), lm_steps))
-    lm2_cfg = make_config("demo-2", overrides2)
-    stage("language model, part 2", lambda: (out / "lm2" / f"ckpt-{lm2_cfg.steps:08d}" / "COMMITTED").exists(),
-          lambda: train(lm2_cfg, progress))
+    # parts 2..N: the same mixture again from the previous part's weights, each with a fresh warm-up
+    # and cosine (stage and folder names as part 2 first had them, so that older builds resume)
+    run, step_minutes, parts_cfg = out / "lm", {"vision tokenizer": _step_minutes(out / "vq"),
+                                                "language model": _step_minutes(out / "lm")}, {}
+    for k in range(2, parts + 1):
+        prev, start = run, out / f"lm-part{k - 1}"
+        stage("language model export" + (f", part {k - 1}" if k > 2 else ""),
+              lambda start=start: (start / "config.json").exists(), lambda prev=prev, start=start: export(prev, start))
+        run = out / f"lm{k}"
+        over = {**overrides, "out": str(run), "model": str(start), "seed": seed + k - 1}
+        if lm_steps:
+            over.update(_shortened(make_config("demo-2", {}), lm_steps))
+        cfg_k = make_config("demo-2", over)
+        stage(f"language model, part {k}",
+              lambda run=run, n=cfg_k.steps: (run / f"ckpt-{n:08d}" / "COMMITTED").exists(),
+              lambda cfg_k=cfg_k: train(cfg_k, progress))
+        parts_cfg[f"lm_part{k}"] = _json(run / "config.json")
+        step_minutes[f"language model, part {k}"] = _step_minutes(run)
     recipe = {"seed": seed, "vq": _json(out / "vq" / "config.json"), "bpe_size": BPE_SIZE,
-              "dataset_counts": counts, "mix": MIX, "lm": _json(out / "lm" / "config.json"),
-              "lm_part2": _json(out / "lm2" / "config.json"),
-              "stage_minutes": {k: round(v / 60, 1) for k, v in times.items()},
-              "step_minutes": {"vision tokenizer": _step_minutes(out / "vq"),
-                               "language model": _step_minutes(out / "lm"),
-                               "language model, part 2": _step_minutes(out / "lm2")},
+              "dataset_counts": counts, "mix": MIX, "lm": _json(out / "lm" / "config.json"), **parts_cfg,
+              "stage_minutes": {k: round(v / 60, 1) for k, v in times.items()}, "step_minutes": step_minutes,
               "torch": torch.__version__,
               "command": f"emu3 build-demo {out}" + (f" --vq-steps {vq_steps}" if vq_steps else "")
-                         + (f" --lm-steps {lm_steps}" if lm_steps else "")}
-    final = package(out, out / "emu3-demo", recipe, lm="lm2")
+                         + (f" --lm-steps {lm_steps}" if lm_steps else "")
+                         + (f" --parts {parts}" if parts != DEMO_PARTS else "")}
+    final = package(out, out / "emu3-demo", recipe, lm=run.name)
     log(f"wrote {final}")
     return final
 
