@@ -61,6 +61,19 @@ def test_language_matches_the_scene():
     assert seen == set(bench.QUESTION_KINDS)
 
 
+def test_video_scoring_on_true_and_still_frames():
+    """The video evaluator's yardsticks: the world's own frames place nearly every object, holding the
+    4th frame still places only those that barely moved."""
+    rng = np.random.default_rng(30_000)
+    truth, still = [], []
+    for _ in range(6):
+        clip = sample_clip(rng)
+        frames = clip.render()
+        truth += bench._placed(clip, frames, 4.0)
+        still += bench._placed(clip, np.concatenate([frames[:4], np.repeat(frames[3:4], 12, 0)]), 4.0)
+    assert len(truth) >= 12 * 6 and np.mean(truth) >= 0.9 and np.mean(still) < 0.6
+
+
 def test_motion_bounces_and_stays_inside():
     clip = sample_clip(np.random.default_rng(3))
     for t in range(40):
@@ -146,6 +159,7 @@ def test_eval_and_demo_commands(tmp_path, world_model, capsys):
                  "--tokenizer-images", "4", "--json", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
     assert "| generation | overall |" in out and "| understanding | accuracy |" in out
+    assert "| video | tokenizer_ceiling |" in out and "tolerance_px" not in out
     assert json.loads((tmp_path / "r.json").read_text())["video"]["tolerance_px"] == 4.0
     assert main(["demo", "--model", str(world_model), "-o", str(tmp_path / "report")]) == 0
     assert (tmp_path / "report" / "index.html").read_text().startswith("<!doctype html>")
