@@ -106,3 +106,32 @@ def test_fine_tune_starts_from_init_and_sees_table_frames(tmp_path):
         tvq.make_vq_config("tiny", [f"init={tmp_path}"]).validate()
     with pytest.raises(InputError, match="ae_warmup"):
         tvq.make_vq_config("tiny", [f"init={tmp_path / 'init'}", "ae_warmup=5"]).validate()
+
+
+def test_decoder_only_fine_tune_keeps_every_code(tmp_path):
+    """train=decoder: the decoder side learns, the encoder (BatchNorm statistics included), quant_conv and
+    codebook come out bit for bit, so images and clips keep their codes."""
+    from safetensors.torch import load_file
+
+    from emu3.vision import VisionTokenizer
+    from emu3.world.motion import sample_clip
+    from emu3.world.scenes import render, sample_scene
+
+    VisionTokenizer.from_preset("tiny", seed=3).save_pretrained(tmp_path / "init")
+    cfg = tvq.make_vq_config("tiny", [f"init={tmp_path / 'init'}", f"out={tmp_path / 'ft'}", "steps=6", "warmup=1",
+                                      "train=decoder", "video_every=2", "restart_every=2", "eval_images=4"])
+    tvq.train_vq(cfg, progress=False)
+    a = load_file(tmp_path / "init" / "model.safetensors")
+    b = load_file(tmp_path / "ft" / "tokenizer" / "model.safetensors")
+    decoder = [k for k in a if k.startswith(("decoder.", "post_quant_conv."))]
+    assert all(torch.equal(a[k], b[k]) for k in a if k not in decoder)
+    assert sum(not torch.equal(a[k], b[k]) for k in decoder if "weight" in k) > 10
+    before, after = (VisionTokenizer.from_pretrained(tmp_path / d) for d in ("init", "ft/tokenizer"))
+    rng = np.random.default_rng(0)
+    image, clip = render(sample_scene(rng)), sample_clip(rng, 8).render()
+    assert torch.equal(before.encode_image(image), after.encode_image(image))
+    assert torch.equal(before.encode_video(clip, "causal"), after.encode_video(clip, "causal"))
+    with pytest.raises(InputError, match="init=DIR"):
+        tvq.make_vq_config("tiny", ["train=decoder"]).validate()
+    with pytest.raises(InputError, match="'all' or 'decoder'"):
+        tvq.make_vq_config("tiny", ["train=encoder"]).validate()

@@ -21,7 +21,9 @@ keep the shapes but collapse every colour onto two hues for thousands of steps.
 Images are 4 repeated frames (decoded to frame 0, as released); every `video_every`-th step
 trains on 16-frame clips instead, which is what teaches the causal temporal layers.
 
-`init=DIR` fine-tunes an existing tokenizer (its codebook kept, dead codes still restarted) and
+`init=DIR` fine-tunes an existing tokenizer (its codebook kept, dead codes still restarted; with
+`train=decoder` only the decoder side learns, so every image and clip keeps its codes and a language
+model trained on them needs nothing new) and
 `table=F` draws that share of each image batch from the table-top task's frames (emu3.world.table:
 rings and a gripper, which the world's scenes never show): the `table` preset is how the VLA policy's
 tokenizer learns to see its gripper.
@@ -74,6 +76,7 @@ class VQTrainConfig:
     eval_images: int = 64
     init: str = ""  # a tokenizer folder to fine-tune instead of a fresh model
     table: float = 0.0  # share of each image batch drawn from table-top task frames
+    train: str = "all"  # "decoder": only the decoder side learns (post_quant_conv, decoder); codes stay the same
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.warmup >= self.steps:
@@ -87,6 +90,10 @@ class VQTrainConfig:
             raise InputError(f"table is a share of each batch, in [0, 1]; got {self.table}")
         if self.init and not (Path(self.init) / "config.json").is_file():
             raise InputError(f"init={self.init}: not a vision tokenizer folder (no config.json)")
+        if self.train not in ("all", "decoder"):
+            raise InputError(f"train is 'all' or 'decoder'; got {self.train!r}")
+        if self.train == "decoder" and not self.init:
+            raise InputError("train=decoder fine-tunes an existing tokenizer's decoder: give init=DIR")
         if self.init and self.ae_warmup:
             raise InputError("ae_warmup is for a fresh model; a fine-tune (init=DIR) keeps its codebook: ae_warmup=0")
 
@@ -98,6 +105,10 @@ VQ_STAGES = {
     # The VLA policy's tokenizer: the built-in one fine-tuned on table-top frames (init=DIR).
     "table": dict(steps=800, lr=1e-4, min_lr=1e-5, warmup=50, video_every=0, table=1.0, edge_weight=0.0,
                   save_every=100),
+    # The built-in tokenizer's decoder fine-tuned with a video step every other step: the encoder and
+    # codebook are frozen, so the codes the language model learnt stay the same.
+    "demo-video": dict(steps=1200, lr=1e-4, min_lr=1e-5, warmup=50, video_every=2, edge_weight=0.0, train="decoder",
+                       save_every=100),
     "tiny": dict(preset="tiny", steps=30, batch_size=4, video_batch=1, frames=8, warmup=5, save_every=10,
                  restart_every=10, eval_images=8),
 }
@@ -287,7 +298,10 @@ def train_vq(cfg: VQTrainConfig, progress: bool = True) -> dict:
     else:
         model = VisionVQ(vq_config(cfg.preset, **overrides_of(cfg)))
         init_temporal_identity(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
+    if cfg.train == "decoder":  # encoder, quant_conv and codebook frozen: every image keeps its codes
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(("decoder.", "post_quant_conv.")))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.5, 0.9))
     usage = torch.zeros(model.config.codebook_size)
     start = 0
     ckpt = state.latest(run)
@@ -319,6 +333,9 @@ def train_vq(cfg: VQTrainConfig, progress: bool = True) -> dict:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             model.train()
+            if cfg.train == "decoder":  # the encoder's temporal BatchNorms keep their running statistics too
+                for frozen in (model.encoder, model.quant_conv, model.quantize):
+                    frozen.eval()
             for g in optimizer.param_groups:
                 g["lr"] = _lr(cfg, step)
             if cfg.ae_warmup and step == cfg.ae_warmup:
@@ -329,11 +346,11 @@ def train_vq(cfg: VQTrainConfig, progress: bool = True) -> dict:
             loss, parts, codes = vq_losses(model, x, cfg, quantize=step >= cfg.ae_warmup)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
             optimizer.step()
             usage += (step >= cfg.ae_warmup) * torch.bincount(codes.flatten(), minlength=len(usage)).float()
             restarted = 0
-            if step >= cfg.ae_warmup and (step + 1 - cfg.ae_warmup) % cfg.restart_every == 0:
+            if cfg.train == "all" and step >= cfg.ae_warmup and (step + 1 - cfg.ae_warmup) % cfg.restart_every == 0:
                 restarted = _restart_dead_codes(model, usage, x, cfg.seed + step)
                 usage.zero_()
             writer.writerow({"step": step + 1, "loss": float(loss.detach()), **parts, "video": int(video),
