@@ -105,8 +105,10 @@ VQ_STAGES = {
     # The VLA policy's tokenizer: the built-in one fine-tuned on table-top frames (init=DIR).
     "table": dict(steps=800, lr=1e-4, min_lr=1e-5, warmup=50, video_every=0, table=1.0, edge_weight=0.0,
                   save_every=100),
-    # The built-in tokenizer's decoder fine-tuned with a video step every other step: the encoder and
-    # codebook are frozen, so the codes the language model learnt stay the same.
+    # The built-in tokenizer's decoder fine-tuned with a video step every other step (init=DIR; encoder and
+    # codebook frozen, so the codes the language model learnt stay the same). Measured (README): the true
+    # clips' round trip places 77 % of objects within 4 px instead of 70 %, but generation does not gain,
+    # so the built-in model does not use it.
     "demo-video": dict(steps=1200, lr=1e-4, min_lr=1e-5, warmup=50, video_every=2, edge_weight=0.0, train="decoder",
                        save_every=100),
     "tiny": dict(preset="tiny", steps=30, batch_size=4, video_batch=1, frames=8, warmup=5, save_every=10,
