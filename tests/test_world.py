@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from emu3.errors import InputError
 from emu3.eval import bench
 from emu3.eval.detect import detect
 from emu3.world.motion import sample_clip, trajectory
@@ -70,7 +71,7 @@ def test_video_scoring_on_true_and_still_frames():
         clip = sample_clip(rng)
         frames = clip.render()
         truth += bench._placed(clip, frames, 4.0)
-        still += bench._placed(clip, np.concatenate([frames[:4], np.repeat(frames[3:4], 12, 0)]), 4.0)
+        still += bench._placed(clip, bench.held_still(frames), 4.0)
     assert len(truth) >= 12 * 6 and np.mean(truth) >= 0.9 and np.mean(still) < 0.6
 
 
@@ -207,6 +208,8 @@ def test_build_demo_end_to_end_and_resumable(tmp_path):
     assert recipe["vq"]["steps"] == 12 and recipe["lm"]["steps"] == 4 and recipe["dataset_counts"] == counts
     assert recipe["lm_part2"]["steps"] == 4 and recipe["lm_part2"]["model"] == str(tmp_path / "b" / "lm-part1")
     assert recipe["lm_part3"]["model"] == str(tmp_path / "b" / "lm-part2") and recipe["lm_part3"]["seed"] == 2
+    with pytest.raises(InputError, match="parts"):
+        build_demo(tmp_path / "c", parts=0)
     emu = Emu3.from_pretrained(final)
     (image,) = emu.generate_images(["a red circle"], seed=0)
     assert image.pixels.shape == (64, 64, 3)

@@ -138,9 +138,14 @@ def eval_video(emu, n: int = 24, seed: int = 30_000, tolerance: float = 4.0) -> 
         with torch.no_grad():
             ceiling += _placed(clip, emu.vision.decode_video(emu.vision.encode_video(frames, "causal"), "causal"),
                                tolerance)
-        still += _placed(clip, np.concatenate([frames[:4], np.repeat(frames[3:4], len(frames) - 4, 0)]), tolerance)
+        still += _placed(clip, held_still(frames), tolerance)
     return {"within_tolerance": float(np.mean(hits)), "tokenizer_ceiling": float(np.mean(ceiling)),
             "held_still": float(np.mean(still)), "objects": len(hits), "tolerance_px": tolerance}
+
+
+def held_still(frames: np.ndarray) -> np.ndarray:
+    """The no-motion yardstick: frames 0-3, then the 4th frame repeated to the clip's length."""
+    return np.concatenate([frames[:4], np.repeat(frames[3:4], len(frames) - 4, 0)])
 
 
 def _placed(clip, pixels, tolerance: float) -> list[bool]:

@@ -303,7 +303,8 @@ def train_vq(cfg: VQTrainConfig, progress: bool = True) -> dict:
     if cfg.train == "decoder":  # encoder, quant_conv and codebook frozen: every image keeps its codes
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith(("decoder.", "post_quant_conv.")))
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.5, 0.9))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=(0.5, 0.9))
     usage = torch.zeros(model.config.codebook_size)
     start = 0
     ckpt = state.latest(run)
@@ -348,7 +349,7 @@ def train_vq(cfg: VQTrainConfig, progress: bool = True) -> dict:
             loss, parts, codes = vq_losses(model, x, cfg, quantize=step >= cfg.ae_warmup)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             usage += (step >= cfg.ae_warmup) * torch.bincount(codes.flatten(), minlength=len(usage)).float()
             restarted = 0

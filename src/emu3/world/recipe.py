@@ -39,12 +39,14 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
     from ..vision import VisionTokenizer
     from .build import build, corpus
 
+    parts = DEMO_PARTS if parts is None else parts
+    if parts < 1:
+        from ..errors import InputError
+
+        raise InputError(f"--parts must be at least 1 (part 1 is the `demo` stage); got {parts}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     counts = counts or COUNTS
-    parts = parts or DEMO_PARTS
-    if parts < 1:
-        raise ValueError(f"parts must be at least 1, got {parts}")
     stage, times = _stages(out, log)
 
     vq_over = [f"out={out / 'vq'}", f"seed={seed}"]
