@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from emu3.cli import main
+from emu3.errors import InputError
 from emu3.orders import border_tokens
 from emu3.pipeline import Defaults, Emu3
 from tests.conftest import DEFAULTS, scene, write_video_file
@@ -56,7 +57,9 @@ def test_video_generation_and_extension(emu):
 def test_inpainting_keeps_the_border(emu):
     image = scene(40, 48)
     codes = emu.vision.encode_image(image).numpy()
-    out = emu.inpaint(image, "fill it", rings=2, seed=3)
+    with pytest.raises(InputError, match="needs the spiral-in token order"):
+        emu.inpaint(image, "fill it", rings=2)  # a raster model
+    out = emu.inpaint(image, "fill it", rings=2, seed=3, order="spiral")
     i, j = np.indices(codes.shape)
     ring = np.minimum(np.minimum(i, j), np.minimum(codes.shape[0] - 1 - i, codes.shape[1] - 1 - j))
     assert np.array_equal(out.codes[ring < 2], codes[ring < 2])

@@ -194,6 +194,34 @@ def test_export_loads_in_emu3_and_transformers(token_dataset, dataset_inputs, tm
         torch.testing.assert_close(ref(input_ids=ids).logits, ours(ids), rtol=0, atol=1e-4)
 
 
+def test_token_order_reaches_training_and_the_export(token_dataset, dataset_inputs, tmp_path):
+    """order=spiral changes the sequences the model is trained on (same seed and data, another first
+    loss), is written into the export's defaults, and is what a fine-tune from that export inherits."""
+    from emu3.checkpoint import read_json
+    from emu3.pipeline import Emu3
+
+    first = {}
+    for name, order in (("raster", "raster"), ("again", "auto"), ("spiral", "spiral")):
+        train(run_config(token_dataset, dataset_inputs, tmp_path / name, steps=2, warmup=1, save_every=2, order=order,
+                         vision_tokenizer=str(dataset_inputs / "vq")), progress=False)
+        first[name] = losses(tmp_path / name)[0]
+    assert first["raster"] == first["again"] and first["spiral"] != first["raster"]
+    export(tmp_path / "spiral", tmp_path / "m")
+    assert read_json(tmp_path / "m" / "emu3_defaults.json")["order"] == "spiral"
+    export(tmp_path / "raster", tmp_path / "r")
+    assert "order" not in read_json(tmp_path / "r" / "emu3_defaults.json")
+    tuned = run_config(token_dataset, dataset_inputs, tmp_path / "ft", model=str(tmp_path / "m"))
+    assert tuned.order == "auto" and tuned.resolved_order() == "spiral"
+    emu = Emu3.from_pretrained(tmp_path / "m")
+    assert emu.defaults.order == "spiral"
+    image = np.full((32, 32, 3), 200, np.uint8)
+    assert emu.inpaint(image, "a circle", rings=1, seed=0).codes.shape == emu.vision.encode_image(image).shape
+    with pytest.raises(InputError, match="spiral-in token order; this model was trained in 'raster' order"):
+        Emu3.from_pretrained(tmp_path / "r").inpaint(image, "a circle", rings=1)
+    with pytest.raises(InputError, match="order is auto or one of raster"):
+        run_config(token_dataset, dataset_inputs, tmp_path / "x", order="zigzag").validate()
+
+
 def _torchrun(args, world=2):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "-m",

@@ -341,11 +341,14 @@ def cmd_eval(args) -> None:
 
     emu = _pipeline(args)
     results = bench.evaluate(emu, generation=args.generation, understanding=args.understanding, video=args.video,
-                             tokenizer=args.tokenizer_images, seed=args.seed)
+                             tokenizer=args.tokenizer_images, inpainting=args.inpainting, seed=args.seed)
     if args.json:
         with atomic_file(Path(args.json)) as tmp:
             tmp.write_text(json.dumps(results, indent=2))
     print(bench.table(results))
+    if args.inpainting and "inpainting" not in results:
+        print(f"inpainting: skipped; this model writes images in {emu.defaults.order!r} order, and only a model "
+              "trained in the spiral-in order (train ... order=spiral) can keep a border")
 
 
 def cmd_eval_vla(args) -> None:
@@ -562,7 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--rings", type=int, default=2, help="border rings of codes to keep")
-    p.add_argument("--order", default="spiral", help="token order the model was trained with")
+    p.add_argument("--order", default=None, help="visual token order (default: the model's own; only spiral "
+                   "can keep a border, so a model trained otherwise needs --order spiral to try)")
     lm_opts(p)
     guidance_opts(p)
     p.set_defaults(func=cmd_inpaint)
@@ -572,6 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--understanding", type=int, default=200, metavar="N", help="questions (0: skip)")
     p.add_argument("--video", type=int, default=24, metavar="N", help="clips to extend (0: skip)")
     p.add_argument("--tokenizer-images", type=int, default=128, metavar="N", help="images to reconstruct (0: skip)")
+    p.add_argument("--inpainting", type=int, default=64, metavar="N",
+                   help="scenes to inpaint (0: skip; run only for a model trained with order=spiral)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     lm_opts(p)
     p.set_defaults(func=cmd_eval, seed=10_000)

@@ -292,9 +292,15 @@ class Emu3:
 
     def inpaint(self, image, prompt: str, rings: int, cfg_scale: float | None = None, seed: int = 0,
                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                negative_prompt: str | None = None, suffix: str | None = None, order: str = "spiral") -> Generated:
-        """Keep the outer `rings` rings of the image's codes and generate the interior (spiral-in order;
-        meaningful with a model trained on that order)."""
+                negative_prompt: str | None = None, suffix: str | None = None, order: str | None = None) -> Generated:
+        """Keep the outer `rings` rings of the image's codes and generate the interior. The kept border
+        must be the start of the sequence, so this needs the spiral-in order: the model's own (trained
+        with order=spiral), or `order="spiral"` to force it on a model trained otherwise."""
+        order = order or self.defaults.order
+        if order != "spiral":
+            raise InputError(f"inpainting keeps the border and writes the inside, which needs the spiral-in token "
+                             f"order; this model was trained in {order!r} order (train one with order=spiral, or "
+                             "pass order='spiral' to try anyway)")
         vision = self._need_vision()
         codes = vision.encode_image(image).numpy()
         h, w = codes.shape

@@ -22,8 +22,10 @@ import json
 import math
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import InputError
+from ..orders import ORDERS
 
 
 @dataclass
@@ -45,6 +47,9 @@ class TrainConfig:
     t2i_loss: str = "all"
     i2t_loss: str = "output"
     vision_weight: float = 0.5
+    # visual token order in the sequences (emu3.orders; "spiral" makes a model that can inpaint);
+    # auto: the starting model's (its emu3_defaults.json), else raster. Exports record it.
+    order: str = "auto"
     # optimisation
     steps: int = 100
     lr: float = 3e-4
@@ -90,6 +95,7 @@ class TrainConfig:
         for name in ("drop_caption", "caption_after", "video_extension"):
             check(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1], got {getattr(self, name)}")
         check(self.dropout is None or 0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        check(self.order in ("auto", *ORDERS), f"order is auto or one of {', '.join(ORDERS)}, got {self.order!r}")
         check(self.vision_weight >= 0, f"vision_weight must be >= 0, got {self.vision_weight}")
         check(self.t2i_loss in ("all", "output") and self.i2t_loss in ("all", "output"),
               "t2i_loss and i2t_loss are 'all' or 'output'")
@@ -110,6 +116,15 @@ class TrainConfig:
         check(self.dpo_beta > 0 and self.dpo_sft_weight >= 0, "dpo_beta must be > 0 and dpo_sft_weight >= 0")
         if problems:
             raise InputError("invalid training config: " + "; ".join(problems))
+
+    def resolved_order(self) -> str:
+        """The visual token order this run writes: `order`, or for auto the starting model's, else raster."""
+        if self.order != "auto":
+            return self.order
+        defaults = Path(self.model) / "emu3_defaults.json"
+        if defaults.is_file():
+            return json.loads(defaults.read_text()).get("order", "raster")
+        return "raster"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

@@ -189,7 +189,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     else:
         policy = MixPolicy(cfg.drop_caption, cfg.caption_after, cfg.video_extension, cfg.t2i_loss, cfg.i2t_loss,
                            cfg.vision_weight)
-        loader = Loader(sources, Formatter(tok), cfg.seq_len, cfg.batch_size, policy, cfg.seed, env.rank, env.world)
+        loader = Loader(sources, Formatter(tok, cfg.resolved_order()), cfg.seq_len, cfg.batch_size, policy, cfg.seed,
+                        env.rank, env.world)
     autocast = cfg.bf16 == "on" or (cfg.bf16 == "auto" and env.device.type == "cuda" and torch.cuda.is_bf16_supported())
 
     start, tokens_seen, streak = 0, 0, 0
@@ -353,6 +354,9 @@ def export(run: str | os.PathLike, out: str | os.PathLike, layout: str = "releas
             extra["emu3_defaults.json"] = read_json(Path(cfg.model) / "emu3_defaults.json")
     else:  # trained from scratch: the unconditional prompt is the empty caption, no prompt decoration
         extra["emu3_defaults.json"] = {"positive_suffix": "", "negative_prompt": ""}
+    order = cfg.resolved_order()
+    if order != "raster" or "order" in extra.get("emu3_defaults.json", {}):  # generation writes what training read
+        extra.setdefault("emu3_defaults.json", {})["order"] = order
     if vision is not None:
         extra["vision_tokenizer"] = {"preprocessor_config.json": vision.processor.to_dict()}
     save_model(model.eval(), out, tokenizer=tok, vq=vision.model if vision else None, layout=layout,
