@@ -3,10 +3,12 @@ same size, fed the same packed rows, in the same run (fp32, AdamW, cosine schedu
 
 Ours trains through `emu3 train`'s loop (`emu3.train.trainer.train`): packed documents with
 per-document attention masks, the weighted next-token loss computed in chunks. The baseline gets the
-same rows as `input_ids` / `labels` (plain causal attention). Reported: median seconds per step after
-two warm-up steps, and tokens per second (rows x length / step time).
+same rows as `input_ids` / `labels` (plain causal attention). Both run in fp32, then both under bf16
+autocast (what `bf16=auto` picks on a CPU with native bf16 instructions). Reported: median seconds per
+step after two warm-up steps, tokens per second (rows x length / step time), and each row's speed
+against the fp32 baseline.
 
-    python benchmarks/bench_train.py            # about 3 minutes on 2 CPU cores
+    python benchmarks/bench_train.py            # about 4 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def main() -> None:
         labels[:, 1:] = torch.where(b.targets[:, :-1] != -100, b.input_ids[:, 1:], -100)
         rows += [{"input_ids": i, "labels": lab} for i, lab in zip(b.input_ids, labels)]
     ref = llama(model)
-    def baseline() -> list[float]:
+    def baseline(bf16: bool = False) -> list[float]:
         stamps = []
 
         class Clock(TrainerCallback):
@@ -81,24 +83,28 @@ def main() -> None:
                                   max_steps=args.steps, learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=2,
                                   weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0, logging_steps=10**6,
                                   save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-                                  dataloader_num_workers=0, seed=0)
+                                  dataloader_num_workers=0, seed=0, bf16=bf16)
         start = time.perf_counter()
         Trainer(model=ref, args=targs, train_dataset=rows, callbacks=[Clock()]).train()
         return np.diff([start] + stamps)[2:].tolist()
 
-    # baseline, ours, baseline: the machine's drift shows in the two baseline runs
-    theirs = baseline()
-    cfg = make_config("tiny-stage1", dict(model=str(tmp / "init"), data=str(tmp / "data"), out=str(tmp / "run"),
-                                          steps=args.steps, warmup=2, seq_len=args.seq_len, batch_size=args.batch,
-                                          save_every=10**6, lr=1e-3, min_lr=1e-4, dropout=0.0))
-    train(cfg, progress=False)
-    with open(tmp / "run" / "metrics.csv") as f:
-        ours = [float(r["seconds"]) for r in csv.DictReader(f)][2:]
+    def ours(bf16: str) -> list[float]:
+        cfg = make_config("tiny-stage1", dict(model=str(tmp / "init"), data=str(tmp / "data"), out=str(tmp / bf16),
+                                              steps=args.steps, warmup=2, seq_len=args.seq_len, batch_size=args.batch,
+                                              save_every=10**6, lr=1e-3, min_lr=1e-4, dropout=0.0, bf16=bf16))
+        train(cfg, progress=False)
+        with open(tmp / bf16 / "metrics.csv") as f:
+            return [float(r["seconds"]) for r in csv.DictReader(f)][2:]
 
+    # baseline, ours, baseline: the machine's drift shows in the two baseline runs; then both in bf16
+    # autocast (weights and optimizer fp32), which `bf16=auto` picks on a CPU with native bf16
+    theirs = baseline()
+    t_ours = statistics.median(ours("off"))
     theirs_again = baseline()
+    t_ref_bf16 = statistics.median(baseline(bf16=True))
+    t_ours_bf16 = statistics.median(ours("on"))
 
     tokens = args.batch * args.seq_len
-    t_ours = statistics.median(ours)
     t_ref = min(statistics.median(theirs), statistics.median(theirs_again))  # the baseline's better run
     print(f"# emu3 trainer vs transformers {transformers.__version__} Trainer (LlamaForCausalLM); torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads; {n_params / 1e6:.1f}M parameters, "
@@ -108,6 +114,9 @@ def main() -> None:
     print(f"| transformers Trainer (better of 2 runs: {statistics.median(theirs):.3f}, "
           f"{statistics.median(theirs_again):.3f}) | {t_ref:.3f} | {tokens / t_ref:.0f} | 1.00x |")
     print(f"| emu3 | {t_ours:.3f} | {tokens / t_ours:.0f} | {t_ref / t_ours:.2f}x |")
+    print(f"| transformers Trainer, bf16=True | {t_ref_bf16:.3f} | {tokens / t_ref_bf16:.0f} | "
+          f"{t_ref / t_ref_bf16:.2f}x |")
+    print(f"| emu3, bf16=on | {t_ours_bf16:.3f} | {tokens / t_ours_bf16:.0f} | {t_ref / t_ours_bf16:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -222,6 +222,24 @@ def test_token_order_reaches_training_and_the_export(token_dataset, dataset_inpu
         run_config(token_dataset, dataset_inputs, tmp_path / "x", order="zigzag").validate()
 
 
+def test_bf16_autocast_tracks_fp32(token_dataset, dataset_inputs, tmp_path):
+    """The fast path (bf16 autocast, fp32 weights and optimizer) against its fp32 twin: same losses to
+    about 1e-3 over a few steps; and "auto" on a CPU follows its bf16 instructions."""
+    from emu3.train.trainer import use_bf16
+
+    for b in ("off", "on"):
+        train(run_config(token_dataset, dataset_inputs, tmp_path / b, steps=6, bf16=b), progress=False)
+    np.testing.assert_allclose(losses(tmp_path / "on"), losses(tmp_path / "off"), rtol=2e-3)
+    assert losses(tmp_path / "on") != losses(tmp_path / "off")  # it did run in bf16
+    cpu = torch.device("cpu")
+    for flags, native in (("fpu sse avx2 avx512f", False), ("avx512f avx512_bf16", True), ("amx_bf16 amx_tile", True)):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert use_bf16("auto", cpu, tmp_path / "cpuinfo") is native
+    (tmp_path / "arm").write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")
+    assert use_bf16("auto", cpu, tmp_path / "arm") and not use_bf16("auto", cpu, tmp_path / "missing")
+    assert use_bf16("on", cpu) and not use_bf16("off", cpu)
+
+
 def _torchrun(args, world=2):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "-m",
@@ -233,7 +251,7 @@ def _torchrun(args, world=2):
 @pytest.mark.parametrize("parallel", ["fsdp", pytest.param("ddp", marks=pytest.mark.slow)])
 def test_two_processes_equal_one_on_the_same_global_batch(token_dataset, dataset_inputs, tmp_path, parallel):
     common = [f"data={token_dataset}", f"text_tokenizer={dataset_inputs / 'tok'}", "seq_len=256", "steps=6",
-              "warmup=2", "save_every=3", "dropout=0"]
+              "warmup=2", "save_every=3", "dropout=0", "bf16=off"]  # fp32: the comparison is to 1e-5
     p = _train_process(common + [f"out={tmp_path / 'one'}", "batch_size=4"])
     assert p.wait() == 0, p.stderr.read()
     _torchrun(common + [f"out={tmp_path / 'two'}", "batch_size=2", f"parallel={parallel}"])

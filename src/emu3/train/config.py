@@ -61,7 +61,7 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
-    bf16: str = "auto"  # auto: on CUDA with bf16 support; on / off
+    bf16: str = "auto"  # autocast; auto: CUDA with bf16, or a CPU with native bf16 (trainer.use_bf16); on / off
     activation_checkpointing: bool = False
     # DPO (data: one dataset with preference records)
     dpo: bool = False
