@@ -137,6 +137,25 @@ def test_policy_caption_after_and_dropout(token_dataset, fmt):
     assert fmt.parse(text_only.document(record).ids) == [Text("plain text about shapes and colours")]
 
 
+def test_answer_weight_scales_only_qa_answers(token_dataset, fmt):
+    """answer_weight multiplies the loss weight of a QA record's answer (and its EOS), nothing else; a QA
+    document carried over to the next row keeps it through the loader's saved state."""
+    loader = Loader([(str(token_dataset), 1.0)], fmt, 300, 2, MixPolicy(answer_weight=8.0), seed=0)
+    qa = next(r for r in loader.datasets[0] if r.kind == "qa")
+    doc = loader.document(qa)
+    assert doc.weight == 8.0 and doc.loss_mask.sum() >= 2
+    loader.pending = doc
+    ids, targets, weights, docs = loader._row()
+    span = docs == 0
+    assert np.array_equal(ids[span], doc.ids)
+    assert sorted(set(weights[span][targets[span] != -100].tolist())) == [8.0]
+    assert weights[~span][targets[~span] != -100].max() <= 1.0  # the other documents keep their weights
+    loader.pending = doc
+    fresh = Loader([(str(token_dataset), 1.0)], fmt, 300, 2, MixPolicy(answer_weight=8.0), seed=0)
+    fresh.load_state_dict(json.loads(json.dumps(loader.state_dict())))
+    assert fresh.pending.weight == 8.0
+
+
 def test_mixture_follows_the_weights(token_dataset, fmt):
     loader = Loader([(str(token_dataset), 3.0), (str(token_dataset), 1.0)], fmt, 200, 8, seed=3)
     for _ in range(20):

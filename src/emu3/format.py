@@ -56,11 +56,13 @@ class TokenType(IntEnum):
 
 @dataclass
 class Sample:
-    """A token sequence for training: ids, loss_mask[i] (ids[i] is a target), types[i] (TokenType)."""
+    """A token sequence for training: ids, loss_mask[i] (ids[i] is a target), types[i] (TokenType), and
+    a loss weight for its text targets (visual targets weigh the policy's vision_weight)."""
 
     ids: np.ndarray
     loss_mask: np.ndarray
     types: np.ndarray
+    weight: float = 1.0
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -43,6 +43,7 @@ class MixPolicy:
     t2i_loss: str = "all"  # "output": only the image (quality fine-tuning)
     i2t_loss: str = "output"  # "output": only the caption
     vision_weight: float = 0.5
+    answer_weight: float = 1.0  # the loss weight of QA answers (a one-word answer is a tiny share of a batch)
     chat_template: str = RELEASED_CHAT_TEMPLATE
 
 
@@ -118,8 +119,10 @@ class Loader:
                 return f.video_extension(caption, codes, len(codes) // 2, fps)
             return f.t2v(caption, codes, fps, p.drop_caption, rng, loss=p.t2i_loss)
         if k == "qa":
-            return f.chat(record.fields["codes"], dec(record.fields["question"]), dec(record.fields["answer"]),
-                          p.chat_template)
+            doc = f.chat(record.fields["codes"], dec(record.fields["question"]), dec(record.fields["answer"]),
+                         p.chat_template)
+            doc.weight = p.answer_weight
+            return doc
         if k == "text":
             return f.text_sample(record.fields["text"])
         if k == "interleaved":
@@ -169,7 +172,7 @@ class Loader:
             docs[pos:pos + m] = d
             targets[pos:pos + m - 1] = np.where(doc.loss_mask[1:], doc.ids[1:], -100)  # predict the next token
             weights[pos:pos + m - 1] = np.where(doc.loss_mask[1:],
-                                                np.where(doc.types[1:] == TokenType.VISUAL, w, 1.0), 0.0)
+                                                np.where(doc.types[1:] == TokenType.VISUAL, w, doc.weight), 0.0)
             pos, d = pos + m, d + 1
             if pos >= n:
                 break
@@ -190,6 +193,7 @@ class Loader:
         pending = None
         if self.pending is not None:
             pending = {k: getattr(self.pending, k).tolist() for k in ("ids", "loss_mask", "types")}
+            pending["weight"] = self.pending.weight
         return {"rng": self.rng.bit_generator.state, "cursors": self.cursors, "pending": pending,
                 "stats": dict(self.stats), "seed": self.seed}
 
@@ -202,7 +206,7 @@ class Loader:
         self.cursors = [list(c) for c in state["cursors"]]
         p = state["pending"]
         self.pending = None if p is None else Sample(np.asarray(p["ids"], np.int64), np.asarray(p["loss_mask"], bool),
-                                                     np.asarray(p["types"], np.uint8))
+                                                     np.asarray(p["types"], np.uint8), p.get("weight", 1.0))
         self.stats = {k: (list(v) if isinstance(v, list) else v) for k, v in state["stats"].items()}
 
 
