@@ -296,11 +296,11 @@ class Emu3:
         """Keep the outer `rings` rings of the image's codes and generate the interior. The kept border
         must be the start of the sequence, so this needs the spiral-in order: the model's own (trained
         with order=spiral), or `order="spiral"` to force it on a model trained otherwise."""
-        order = order or self.defaults.order
-        if order != "spiral":
+        if (order or self.defaults.order) != "spiral":
+            got = f"asked for {order!r}" if order else f"this model was trained in {self.defaults.order!r} order"
             raise InputError(f"inpainting keeps the border and writes the inside, which needs the spiral-in token "
-                             f"order; this model was trained in {order!r} order (train one with order=spiral, or "
-                             "pass order='spiral' to try anyway)")
+                             f"order; {got} (train one with order=spiral, or pass order='spiral' to try anyway)")
+        order = "spiral"
         vision = self._need_vision()
         codes = vision.encode_image(image).numpy()
         h, w = codes.shape

@@ -170,6 +170,7 @@ def eval_inpainting(emu, n: int = 64, seed: int = 50_000, rings: int = 2) -> dic
     from ..world.scenes import groups, join
 
     rng = np.random.default_rng(seed)
+    objects = lambda img: sorted((d.color, d.kind) for d in detect(img))  # noqa: E731
     ok, ceiling, border = [], [], []
     for i in range(n):
         scene = sample_scene(rng)
@@ -177,7 +178,6 @@ def eval_inpainting(emu, n: int = 64, seed: int = 50_000, rings: int = 2) -> dic
         text = join([count_phrase(k, c, s) for k, c, s in groups(scene)])
         g = emu.inpaint(image, text, rings, seed=seed + i)
         want = sorted((s.color, s.kind) for s in scene.shapes)
-        objects = lambda img: sorted((d.color, d.kind) for d in detect(img))  # noqa: E731
         ok.append(objects(g.pixels) == want)
         with torch.no_grad():
             codes = emu.vision.encode_image(image)
@@ -188,8 +188,8 @@ def eval_inpainting(emu, n: int = 64, seed: int = 50_000, rings: int = 2) -> dic
 
 
 def _erased(image: np.ndarray, grid: tuple[int, int], rings: int) -> np.ndarray:
-    """The image with everything inside the outer `rings` rings of its code grid painted the background's
-    grey (the border-only yardstick: objects wholly inside are lost)."""
+    """The image with everything inside the outer `rings` rings of its code grid painted plain grey (the
+    border-only yardstick: objects wholly inside are lost, ones across the edge are cut)."""
     h, w = grid
     sy, sx = image.shape[0] // h, image.shape[1] // w  # pixels per code
     out = image.copy()

@@ -271,8 +271,8 @@ def use_bf16(setting: str, device: torch.device, cpuinfo: str = "/proc/cpuinfo")
     """Whether training runs under bf16 autocast (weights, gradients and optimizer stay fp32). "auto":
     on CUDA with bf16 support, and on a CPU whose instructions do bf16 natively (AVX512-BF16 or AMX on
     x86, BF16 on Arm; read from Linux's /proc/cpuinfo, so other systems stay fp32): there oneDNN's bf16
-    matmuls halve the built-in model's step time on 2 cores, same losses to 3 decimals; without those
-    instructions bf16 is emulated and slower than fp32."""
+    matmuls halve the built-in model's step time on 2 cores, same losses to 3 decimals. Without those
+    instructions there is no native bf16 path, so auto stays fp32 (`on` forces autocast anyway)."""
     if setting != "auto":
         return setting == "on"
     if device.type == "cuda":
