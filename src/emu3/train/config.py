@@ -123,10 +123,10 @@ class TrainConfig:
         """The visual token order this run writes: `order`, or for auto the starting model's, else raster."""
         if self.order != "auto":
             return self.order
+        from ..checkpoint import read_json
+
         defaults = Path(self.model) / "emu3_defaults.json"
-        if defaults.is_file():
-            return json.loads(defaults.read_text()).get("order", "raster")
-        return "raster"
+        return read_json(defaults).get("order", "raster") if defaults.is_file() else "raster"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
