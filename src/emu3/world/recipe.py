@@ -3,10 +3,10 @@
 1. `train-vq demo`: the vision tokenizer, on world images and 16-frame clips;
 2. a byte-level BPE trained on the world's captions, questions and stories;
 3. token shards: captioned images, QA, videos and stories (emu3.world.build);
-4. `train demo`: the language model on their mixture (weights below), then `train demo-2` for parts 2
-   and 3 and `demo-4` (QA answers weigh 8) for parts 4 to DEMO_PARTS: the same mixture again from the
-   previous part's weights with a fresh warm-up and cosine (added when part 1's 2,400 steps proved too
-   few, and kept while each part still gains);
+4. `train demo`: the language model on their mixture (weights below), then LATER_PARTS (`demo-2` for
+   parts 2 and 3, `demo-4`, whose QA answers weigh 8, for part 4) up to DEMO_PARTS: the same mixture
+   again from the previous part's weights with a fresh warm-up and cosine (added when part 1's 2,400
+   steps proved too few, and kept while each part still gains);
 5. export (16-bit floats), `emu3_defaults.json`, `RECIPE.json` (every setting and seed), evaluation.
 
 Every stage leaves its output under OUT and is skipped when it is already there, so a stopped run
@@ -26,7 +26,8 @@ import torch
 MIX = {"images": 0.55, "qa": 0.25, "videos": 0.12, "stories": 0.08}
 COUNTS = {"images": 100_000, "qa": 50_000, "videos": 8000, "stories": 6000}
 BPE_SIZE = 768
-DEMO_PARTS = 4  # language-model parts: `demo`, then `demo-2` (parts 2-3) and `demo-4` from the last weights
+DEMO_PARTS = 4  # language-model parts: `demo`, then LATER_PARTS, each from the previous part's weights
+LATER_PARTS = ("demo-2", "demo-2", "demo-4")  # presets of parts 2, 3 and 4; parts past these repeat the last
 DEFAULTS = {"positive_suffix": "", "negative_prompt": "", "cfg_scale": 3.0, "image_top_k": 16,
             "image_temperature": 1.0, "text_temperature": 0.0, "max_new_tokens": 16, "video_fps": 8.0}
 
@@ -79,7 +80,7 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
               lambda start=start: (start / "config.json").exists(), lambda prev=prev, start=start: export(prev, start))
         run = out / f"lm{k}"
         over = {**overrides, "out": str(run), "model": str(start), "seed": seed + k - 1}
-        preset = "demo-2" if k < 4 else "demo-4"  # part 4 on: QA answers weigh more
+        preset = LATER_PARTS[min(k - 2, len(LATER_PARTS) - 1)]
         if lm_steps:
             over.update(_shortened(make_config(preset, {}), lm_steps))
         cfg_k = make_config(preset, over)
