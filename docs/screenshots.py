@@ -56,12 +56,17 @@ def main() -> None:
             page.screenshot(path=str(DOCS / "demo.png"))
 
             url = f"http://127.0.0.1:{port}"
-            for _ in range(600):
+            deadline = time.time() + 120
+            while True:
+                if server.poll() is not None:
+                    sys.exit(f"emu3 serve exited with status {server.returncode} before it served")
                 try:
-                    if httpx.get(url + "/health").status_code == 200:
+                    if httpx.get(url + "/health", timeout=1).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass
+                if time.time() > deadline:
+                    sys.exit(f"emu3 serve did not answer {url}/health within 120 s")
                 time.sleep(0.2)
             page = browser.new_page(viewport={"width": 1160, "height": 560})
             page.goto(url + "/")
