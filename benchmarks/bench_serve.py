@@ -19,21 +19,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
 
 import httpx
 import torch
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:
@@ -86,6 +78,7 @@ def main() -> None:
 
     from emu3.assets import builtin_model
     from emu3.pipeline import Emu3
+    from emu3.server import ServerProcess
 
     model = args.model or builtin_model()
     if model is None:
@@ -102,21 +95,9 @@ def main() -> None:
     del emu
     print(f"baseline (library, one image at a time): {base:.2f} images/s")
 
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "emu3.cli", "serve", "--model", str(model), "--port", str(port),
-                             "--log-level", "warning", "--max-rows", "32", "--max-queue", "256"])
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                sys.exit("the server did not start")
-            time.sleep(0.2)
+    with ServerProcess(["--model", str(model), "--log-level", "warning", "--max-rows", "32",
+                        "--max-queue", "256"]) as server:
+        url, proc = server.url, server.proc
         run_level(url, 1, 2, args.prompt, 0)  # warm-up
         print("\n| clients | round | images/s | vs baseline | p50 latency (s) | p95 latency (s) | errors | "
               "server RSS (MB) |")
@@ -129,9 +110,6 @@ def main() -> None:
         metrics = httpx.get(url + "/metrics").text
         steps = next(line for line in metrics.splitlines() if line.startswith("emu3_steps_total"))
         print(f"\n# {steps}")
-    finally:
-        proc.terminate()
-        proc.wait(60)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 from PIL import Image
 
@@ -30,6 +27,7 @@ PROMPT, QUESTION = "two red circles above a blue square", "how many circles are 
 def main() -> None:
     from playwright.sync_api import sync_playwright
 
+    from emu3.server import ServerProcess
     from emu3.world.scenes import render, sample_scene
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -44,46 +42,29 @@ def main() -> None:
         subprocess.run(["emu3", "demo", "-o", str(tmp / "report"), *model], check=True)
         ask = tmp / "ask.png"
         Image.fromarray(render(sample_scene(np.random.default_rng(7)))).resize((256, 256), Image.NEAREST).save(ask)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = subprocess.Popen(["emu3", "serve", "--port", str(port), *model])
-        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1700})
-            page.goto((tmp / "report" / "index.html").as_uri())
-            page.wait_for_load_state("load")
-            page.screenshot(path=str(DOCS / "demo.png"))
+        with ServerProcess(model) as server:
+            browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 1700})
+                page.goto((tmp / "report" / "index.html").as_uri())
+                page.wait_for_load_state("load")
+                page.screenshot(path=str(DOCS / "demo.png"))
 
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.time() + 120
-            while True:
-                if server.poll() is not None:
-                    sys.exit(f"emu3 serve exited with status {server.returncode} before it served")
-                try:
-                    if httpx.get(url + "/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.time() > deadline:
-                    sys.exit(f"emu3 serve did not answer {url}/health within 120 s")
-                time.sleep(0.2)
-            page = browser.new_page(viewport={"width": 1160, "height": 560})
-            page.goto(url + "/")
-            page.fill("#prompt", PROMPT)
-            page.fill("#seed", "0")
-            page.click("#go")
-            page.wait_for_selector('#image[data-done="1"]', timeout=120_000)
-            page.set_input_files("#file", str(ask))
-            page.fill("#question", QUESTION)
-            page.click("#ask")
-            page.wait_for_function("document.getElementById('chatstatus').textContent === 'done'", timeout=120_000)
-            print("answer:", page.inner_text("#answer").strip())
-            page.screenshot(path=str(DOCS / "serve.png"))
-        finally:
-            browser.close()
-            server.terminate()
-            server.wait(30)
+                page = browser.new_page(viewport={"width": 1160, "height": 560})
+                page.goto(server.url + "/")
+                page.fill("#prompt", PROMPT)
+                page.fill("#seed", "0")
+                page.click("#go")
+                page.wait_for_selector('#image[data-done="1"]', timeout=120_000)
+                page.set_input_files("#file", str(ask))
+                page.fill("#question", QUESTION)
+                page.click("#ask")
+                page.wait_for_function("document.getElementById('chatstatus').textContent === 'done'",
+                                       timeout=120_000)
+                print("answer:", page.inner_text("#answer").strip())
+                page.screenshot(path=str(DOCS / "serve.png"))
+            finally:
+                browser.close()
     print("wrote", DOCS / "demo.png", DOCS / "serve.png")
 
 

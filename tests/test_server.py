@@ -5,12 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import signal
-import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -25,13 +21,7 @@ from emu3.pipeline import Emu3
 from tests.conftest import scene, write_video_file
 
 uvicorn = pytest.importorskip("uvicorn")
-from emu3.server import ServeConfig, create_app  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from emu3.server import ServeConfig, ServerProcess, create_app, free_port  # noqa: E402
 
 
 class Running:
@@ -365,22 +355,9 @@ def test_full_queue_429_health_fast_disconnect_frees_the_slot_and_deadlines(emu)
         r.stop()
 
 
-def test_sigterm_drains_running_requests_and_refuses_new_ones(model_folder, tmp_path, emu):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "emu3.cli", "serve", "--model", str(model_folder), "--port",
-                             str(port), "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
-            time.sleep(0.1)
+def test_sigterm_drains_running_requests_and_refuses_new_ones(model_folder, emu):
+    with ServerProcess(["--model", str(model_folder), "--log-level", "warning"], timeout=60) as server:
+        url, proc = server.url, server.proc
         out = {}
         t = threading.Thread(target=lambda: out.setdefault(
             "r", httpx.post(url + "/v1/tokens/generations", json=long_request(emu.vocab), timeout=60)))
@@ -394,10 +371,7 @@ def test_sigterm_drains_running_requests_and_refuses_new_ones(model_folder, tmp_
         assert httpx.get(url + "/health").status_code == 503
         t.join(60)
         assert out["r"].status_code == 200 and len(out["r"].json()["ids"]) > 0
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        assert proc.wait(30) == 0, server.output()
 
 
 def test_web_page_in_headless_chromium(server, emu, tmp_path):
@@ -436,3 +410,10 @@ def test_web_page_in_headless_chromium(server, emu, tmp_path):
         finally:
             browser.close()
     assert Image.open(tmp_path / "page.png").size == (1200, 640)
+
+
+def test_server_process_that_cannot_start_raises_with_its_output(tmp_path):
+    with pytest.raises(RuntimeError, match="exited with status") as e:
+        with ServerProcess(["--model", str(tmp_path / "nothing-here")], timeout=60):
+            pass
+    assert "nothing-here" in str(e.value)  # the CLI's own error, quoted
