@@ -128,12 +128,11 @@ def _step_minutes(run: Path) -> float:
         return round(sum(float(r["seconds"]) for r in csv.DictReader(f)) / 60, 1)
 
 
-def package(out: str | os.PathLike, dest: str | os.PathLike, recipe: dict | None = None,
-            checkpoint: str | os.PathLike | None = None, vision: str | os.PathLike | None = None,
-            extra: dict | None = None, lm: str = "lm", exported: str | os.PathLike | None = None) -> Path:
-    """The model folder the package ships: a build's LM checkpoint (default: the newest; or a folder
-    `export` already wrote, `exported`) in 16-bit floats with its text and vision tokenizers (default:
-    the build's own, OUT/vq/tokenizer), DEFAULTS, the recipe when given, and `extra` files (name -> JSON)."""
+def package(out: str | os.PathLike, dest: str | os.PathLike, recipe: dict | None = None, extra: dict | None = None,
+            lm: str = "lm", exported: str | os.PathLike | None = None) -> Path:
+    """The model folder the package ships: the newest checkpoint of the build's run OUT/`lm` (or a folder
+    `export` already wrote, `exported`) in 16-bit floats with the build's text and vision tokenizers
+    (OUT/text, OUT/vq/tokenizer), DEFAULTS, the recipe when given, and `extra` files (name -> JSON)."""
     import tempfile
 
     from ..checkpoint import load_model, save_model
@@ -146,9 +145,9 @@ def package(out: str | os.PathLike, dest: str | os.PathLike, recipe: dict | None
         model = load_model(exported).half()
     else:
         with tempfile.TemporaryDirectory(dir=out) as tmp:
-            export(out / lm, Path(tmp) / "fp32", checkpoint=checkpoint)
+            export(out / lm, Path(tmp) / "fp32")
             model = load_model(Path(tmp) / "fp32").half()
-    vq16 = VisionTokenizer.from_pretrained(vision or out / "vq" / "tokenizer")
+    vq16 = VisionTokenizer.from_pretrained(out / "vq" / "tokenizer")
     vq16.model.half()
     extra = {"vision_tokenizer": {"preprocessor_config.json": vq16.processor.to_dict()},
              "emu3_defaults.json": DEFAULTS, **(extra or {})}
