@@ -140,6 +140,21 @@ def test_i2t_and_chat_masks_cover_only_the_answer(fmt):
         fmt.chat(grid(2, 2), "q", "")
 
 
+def test_chat_follow_ups_ask_more_about_the_same_image(fmt):
+    v, img = fmt.vocab, grid(2, 2)
+    one = fmt.chat(img, "how many circles are there", "two")
+    more = fmt.chat(img, "how many circles are there", "two", follow_ups=[("what color is the square", "red"),
+                                                                       ("is there a blue circle", "no")])
+    n = len(one) - 1  # the first turn is the single-turn sample without its E
+    assert more.ids[:n].tolist() == one.ids[:n].tolist() and more.loss_mask[:n].tolist() == one.loss_mask[:n].tolist()
+    targets = [fmt.text(a).tolist() for a in ("two", "red", "no")]
+    assert more.ids[more.loss_mask].tolist() == sum(targets, []) + [v.eos]
+    assert fmt.tok.decode(more.ids[n:], skip_special_tokens=True) == (
+        " USER: what color is the square. ASSISTANT:red USER: is there a blue circle. ASSISTANT:no")
+    with pytest.raises(InputError, match=r"turn 2 has none"):
+        fmt.chat(img, "q", "a", follow_ups=[("q2", " ")])
+
+
 def test_video_layout_every_frame_is_an_image_string(fmt):
     v = fmt.vocab
     codes = np.stack([grid(2, 3, s) for s in range(3)])

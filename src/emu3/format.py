@@ -7,6 +7,7 @@ Layouts (B = BOS, E = EOS; `meta` is plain text tokenized like any other text):
     T2I          B caption image E                (caption dropped with prob p -> unconditional)
     I2T          B image caption E                (loss on caption and E)
     chat         B "You are a helpful assistant. USER: " image question ". ASSISTANT:" answer E
+                 follow-up turns (training only): ... answer " USER: " question ". ASSISTANT:" answer ... E
     generation   B prompt + suffix BOI "{h}*{w}" IMG   and its negative twin (released defaults)
     T2V          B caption video E;   video extension: the same, loss only after the context frames
     interleaved  B (text | image)* E, at most 8 images
@@ -41,6 +42,8 @@ from .tokenizer import TextTokenizer
 
 RELEASED_CHAT_TEMPLATE = "You are a helpful assistant. USER: {image_prompt}{text_prompt}. ASSISTANT:"
 STAGE1_TEMPLATE = "{image_prompt}{text_prompt}"
+# Later turns of a conversation about one image, as the -hf processor's chat template lays them out.
+FOLLOW_UP_TEMPLATE = " USER: {text_prompt}. ASSISTANT:"
 POSITIVE_SUFFIX = " masterpiece, film grained, best quality."
 NEGATIVE_PROMPT = ("lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, "
                    "cropped, worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, "
@@ -278,12 +281,17 @@ class Formatter:
         s.add(self.text(between + question + after), TokenType.TEXT, False)
         return s
 
-    def chat(self, codes, question: str, answer: str, template: str = RELEASED_CHAT_TEMPLATE) -> Sample:
-        """Chat prompt + answer + E, loss on the answer and E."""
-        if not answer.strip():
-            raise InputError("a chat sample needs a non-empty answer")
+    def chat(self, codes, question: str, answer: str, template: str = RELEASED_CHAT_TEMPLATE,
+             follow_ups: list[tuple[str, str]] | tuple = ()) -> Sample:
+        """Chat prompt + answer (+ follow-up turns: FOLLOW_UP_TEMPLATE + answer each) + E; loss on the
+        answers and E. Follow-ups ask more about the same image for the price of a few text tokens."""
         s = self._chat(codes, question, template)
-        s.add(self.text(answer), TokenType.TEXT, True)
+        for i, (q, a) in enumerate([(question, answer), *follow_ups]):
+            if not a.strip():
+                raise InputError(f"a chat sample needs non-empty answers (turn {i + 1} has none)")
+            if i:
+                s.add(self.text(FOLLOW_UP_TEMPLATE.format(text_prompt=q)), TokenType.TEXT, False)
+            s.add(self.text(a), TokenType.TEXT, True)
         s.add([self.vocab.eos], TokenType.TEXT, True)
         return s.sample()
 

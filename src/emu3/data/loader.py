@@ -119,8 +119,9 @@ class Loader:
                 return f.video_extension(caption, codes, len(codes) // 2, fps)
             return f.t2v(caption, codes, fps, p.drop_caption, rng, loss=p.t2i_loss)
         if k == "qa":
-            doc = f.chat(record.fields["codes"], dec(record.fields["question"]), dec(record.fields["answer"]),
-                         p.chat_template)
+            x = record.fields
+            more = [(dec(x[f"q{i}"]), dec(x[f"a{i}"])) for i in range(1, record.meta.get("turns", 1))]
+            doc = f.chat(x["codes"], dec(x["question"]), dec(x["answer"]), p.chat_template, more)
             doc.weight = p.answer_weight
             return doc
         if k == "text":

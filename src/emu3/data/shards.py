@@ -14,7 +14,7 @@ or nothing the index points to.
 Record kinds and their fields (all int arrays; text fields are token ids):
     image        caption, codes (h, w)
     video        caption, codes (t, h, w)                       meta: fps, frames
-    qa           codes (h, w), question, answer
+    qa           codes (h, w), question, answer, q1, a1, ...     meta: turns (when more than one)
     text         text
     interleaved  s0, s1, ... (text ids or (h, w) codes)          meta: segments ["text", "image", ...]
     preference   prompt, chosen, rejected                        (DPO: the exact generated ids)
@@ -45,6 +45,17 @@ class Record:
     fields: dict[str, np.ndarray]
     meta: dict = field(default_factory=dict)
 
+
+
+def qa_record(codes: np.ndarray, turns: list[tuple[np.ndarray, np.ndarray]]) -> Record:
+    """A QA record: one image and (question ids, answer ids) turns, the first as question/answer."""
+    if not turns:
+        raise InputError("a QA record needs at least one question and answer")
+    (q, a), *more = turns
+    fields = {"codes": codes, "question": q, "answer": a}
+    for i, (q, a) in enumerate(more, 1):
+        fields[f"q{i}"], fields[f"a{i}"] = q, a
+    return Record("qa", fields, {"turns": len(turns)} if more else {})
 
 def shard_name(i: int) -> str:
     return f"shard-{i:05d}"

@@ -6,6 +6,7 @@ Inputs, scanned in a fixed order:
 - a JSONL manifest, one record per line, paths relative to the manifest:
       {"image": "a.jpg", "caption": "..."}          {"video": "b.mp4", "caption": "...", "fps": 8}
       {"image": "a.jpg", "question": "...", "answer": "..."}          {"text": "..."}
+      {"image": "a.jpg", "question": "...", "answer": "...", "follow_ups": [["...", "..."], ...]}
       {"segments": [{"text": "..."}, {"image": "a.jpg"}, ...]}
       {"prompt_ids": [...], "chosen": [...], "rejected": [...]}     (DPO: the exact ids)
 - webdataset tar shards: members grouped by key (`key.jpg` + `key.txt` / `key.json`), one output
@@ -32,7 +33,7 @@ import numpy as np
 
 from .. import media
 from ..errors import Emu3Error, InputError
-from .shards import FORMAT, VERSION, Record, read_index, shard_name, write_index, write_shard
+from .shards import FORMAT, VERSION, Record, qa_record, read_index, shard_name, write_index, write_shard
 
 MEDIA_SUFFIXES = media.IMAGE_SUFFIXES | media.VIDEO_SUFFIXES
 
@@ -197,8 +198,11 @@ class _Worker:
             if "question" in item or "answer" in item:
                 if not item.get("answer"):
                     raise InputError("a QA record needs an answer")
-                return Record("qa", {"codes": codes, "question": self.ids(item.get("question", "")),
-                                     "answer": self.ids(item["answer"])})
+                turns = [(item.get("question", ""), item["answer"]), *item.get("follow_ups", [])]
+                for i, turn in enumerate(turns[1:], 1):
+                    if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and turn[1]):
+                        raise InputError(f"follow_ups[{i - 1}] must be a [question, answer] pair with an answer")
+                return qa_record(codes, [(self.ids(q), self.ids(a)) for q, a in turns])
             if not item.get("caption"):
                 raise InputError("no caption")
             return Record("image", {"caption": self.ids(item["caption"]), "codes": codes})
