@@ -13,13 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.shards import FORMAT, VERSION, Record, qa_record, write_index, write_shard
+from ..data.shards import FORMAT, VERSION, Record, write_index, write_shard
 from ..errors import InputError
 from .motion import describe, sample_clip
 from .scenes import COLORS, Shape, _fits, article, caption, questions, relation, render, sample_scene
 
-KINDS = ("images", "qa", "videos", "stories", "chats")
-CHAT_TURNS = 8  # questions about one image in a `chats` record (fewer when the scene has fewer to ask)
+KINDS = ("images", "qa", "videos", "stories")
 
 
 def rng_for(seed: int, kind: str, i: int) -> np.random.Generator:
@@ -73,8 +72,7 @@ def _write(out: Path, records: list[Record], vocab: dict, shard_size: int = 4096
 
 def build(out: str | os.PathLike, vision, text, counts: dict[str, int], seed: int = 0, batch: int = 256,
           progress: bool = True) -> dict[str, int]:
-    """Write one dataset per kind under `out` (images/, qa/, videos/, stories/, chats/); returns record
-    counts. A `qa` record asks one question about its image, a `chats` record up to CHAT_TURNS."""
+    """Write one dataset per kind under `out` (images/, qa/, videos/, stories/); returns record counts."""
     out = Path(out)
     vocab = {"text_size": text.vocab.text_size, "codebook_size": text.vocab.codebook_size}
     ids = lambda s: np.asarray(text.encode(s, allow_special=False), np.int64)  # noqa: E731
@@ -95,7 +93,7 @@ def build(out: str | os.PathLike, vision, text, counts: dict[str, int], seed: in
         records: list[Record] = []
         for start in range(0, n, batch):
             items = range(start, min(n, start + batch))
-            if kind in ("images", "qa", "chats"):
+            if kind in ("images", "qa"):
                 drawn = []
                 for i in items:
                     rng = rng_for(seed, kind, i)
@@ -105,8 +103,8 @@ def build(out: str | os.PathLike, vision, text, counts: dict[str, int], seed: in
                     if kind == "images":
                         records.append(Record("image", {"caption": ids(caption(sc, rng)), "codes": c}))
                     else:
-                        turns = questions(sc, rng, 1 if kind == "qa" else CHAT_TURNS)
-                        records.append(qa_record(c, [(ids(q), ids(a)) for q, a in turns]))
+                        (q, a), = questions(sc, rng, 1)
+                        records.append(Record("qa", {"codes": c, "question": ids(q), "answer": ids(a)}))
             elif kind == "videos":
                 for i in items:
                     clip = sample_clip(rng_for(seed, kind, i))
