@@ -3,7 +3,8 @@
 - generation (GenEval-style categories on the shapes world): single object, two objects, counting,
   colours, position and colour attribution; each generated image is parsed by `detect` and checked
   against its prompt; the overall score is the mean of the six category accuracies, as in GenEval.
-- understanding: answers to questions about held-out images, exact match.
+- understanding: answers to questions about held-out images, exact match; beside them, captions
+  (the Stage1 template, no question): the share of objects a caption names by colour and kind.
 - video extension: the first 4 frames (one latent frame) of a held-out clip and its caption are the
   prompt; the model writes the next 12 frames; every object in every predicted frame counts as right
   when the detector finds it within `tolerance` pixels of where the world's physics puts it.
@@ -121,6 +122,24 @@ def eval_understanding(emu, n: int = 200, seed: int = 20_000) -> dict:
             "asked": {k: len(v) for k, v in right.items() if v}}
 
 
+def eval_captions(emu, n: int = 64, seed: int = 20_000) -> float:
+    """The share of held-out scenes' objects (colour and kind) that the model's own caption names
+    ("red circle" or "red circles"), asked with the Stage1 template and no question: what it perceives,
+    without the one-word bottleneck of a question."""
+    import re
+
+    from ..format import STAGE1_TEMPLATE
+    from ..world.scenes import groups
+
+    rng = np.random.default_rng(seed)
+    named = []
+    for _ in range(n):
+        scene = sample_scene(rng)
+        text = emu.chat(render(scene), "", max_new_tokens=32, template=STAGE1_TEMPLATE)
+        named += [re.search(rf"\b{c} ({k}|{plural(k, 2)})\b", text) is not None for _, c, k in groups(scene)]
+    return float(np.mean(named))
+
+
 def eval_video(emu, n: int = 24, seed: int = 30_000, tolerance: float = 4.0) -> dict:
     """Extension from one latent frame (4 frames) to four (16 frames): the share of objects in the 12
     predicted frames found within `tolerance` px of where the world's physics puts them. Beside it, on
@@ -229,6 +248,7 @@ def evaluate(emu, generation: int = 16, understanding: int = 200, video: int = 2
         out["generation"] = eval_generation(emu, generation, seed)
     if understanding:
         out["understanding"] = eval_understanding(emu, understanding, seed + 10_000)
+        out["understanding"]["caption_objects"] = eval_captions(emu, max(1, understanding // 3), seed + 10_000)
     if video:
         out["video"] = eval_video(emu, video, seed + 20_000)
     if inpainting and emu.defaults.order == "spiral":
