@@ -46,7 +46,6 @@ class Record:
     meta: dict = field(default_factory=dict)
 
 
-
 def qa_record(codes: np.ndarray, turns: list[tuple[np.ndarray, np.ndarray]]) -> Record:
     """A QA record: one image and (question ids, answer ids) turns, the first as question/answer."""
     if not turns:
@@ -56,6 +55,7 @@ def qa_record(codes: np.ndarray, turns: list[tuple[np.ndarray, np.ndarray]]) -> 
     for i, (q, a) in enumerate(more, 1):
         fields[f"q{i}"], fields[f"a{i}"] = q, a
     return Record("qa", fields, {"turns": len(turns)} if more else {})
+
 
 def shard_name(i: int) -> str:
     return f"shard-{i:05d}"

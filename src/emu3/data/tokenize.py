@@ -198,6 +198,8 @@ class _Worker:
             if "question" in item or "answer" in item:
                 if not item.get("answer"):
                     raise InputError("a QA record needs an answer")
+                if not isinstance(item.get("follow_ups", []), list):
+                    raise InputError("follow_ups must be a list of [question, answer] pairs")
                 turns = [(item.get("question", ""), item["answer"]), *item.get("follow_ups", [])]
                 for i, turn in enumerate(turns[1:], 1):
                     if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and turn[1]):
