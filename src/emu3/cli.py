@@ -340,6 +340,8 @@ def cmd_eval(args) -> None:
     from .eval import bench
 
     emu = _pipeline(args)
+    if args.cfg is not None:  # the generation benchmark's guidance (and the video one's), for CFG sweeps
+        emu.defaults.cfg_scale = args.cfg
     results = bench.evaluate(emu, generation=args.generation, understanding=args.understanding, video=args.video,
                              tokenizer=args.tokenizer_images, inpainting=args.inpainting, seed=args.seed)
     if args.json:
@@ -579,8 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inpainting", type=int, default=64, metavar="N",
                    help="scenes to inpaint (0: skip; run only for a model trained with order=spiral)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--cfg", type=float, help="guidance scale for generation and video (default: the model's)")
     lm_opts(p)
-    p.set_defaults(func=cmd_eval, seed=10_000)
+    p.set_defaults(func=cmd_eval, seed=10_000)  # --seed: the held-out seeds start there
 
     p = sub.add_parser("eval-vla", help="closed-loop success of a VLA model on the table-top task")
     p.add_argument("--episodes", type=int, default=100, metavar="N", help="held-out tables (seeds 100,000+)")
