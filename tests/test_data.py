@@ -156,13 +156,13 @@ def test_answer_weight_scales_only_qa_answers(token_dataset, fmt):
     assert fresh.pending.weight == 8.0
 
 
-
 def test_qa_follow_ups_become_one_conversation_about_the_image(dataset_inputs, tmp_path, fmt):
     """A QA line with follow_ups is one record and one document: every turn's answer is a target."""
     imgs = dataset_inputs / "imgs"
     lines = [{"image": str(imgs / "03.png"), "question": "how many circles", "answer": "two",
               "follow_ups": [["what color is the circle", "red"], ["is it big", "no"]]},
-             {"image": str(imgs / "04.png"), "question": "q", "answer": "a", "follow_ups": [["q2"]]}]
+             {"image": str(imgs / "04.png"), "question": "q", "answer": "a", "follow_ups": [["q2"]]},
+             {"image": str(imgs / "05.png"), "question": "q", "answer": "a", "follow_ups": [["q2", "  "]]}]
     manifest = tmp_path / "follow_ups.jsonl"
     manifest.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     out = tmp_path / "d"
@@ -171,12 +171,14 @@ def test_qa_follow_ups_become_one_conversation_about_the_image(dataset_inputs, t
     index = read_index(out)
     assert summary(index)["kinds"] == {"qa": 1}
     assert list(summary(index)["skipped"]) == ["follow_ups[0] must be a [question, answer] pair with an answer"]
+    assert summary(index)["skipped"]["follow_ups[0] must be a [question, answer] pair with an answer"] == 2  # blank too
     record = TokenDataset(out)[0]
     assert record.meta == {"turns": 3} and set(record.fields) == {"codes", "question", "answer", "q1", "a1", "q2", "a2"}
     doc = Loader([(str(out), 1.0)], fmt, 300, 1, seed=0).document(record)
     want = fmt.chat(record.fields["codes"], "how many circles", "two",
                     follow_ups=[("what color is the circle", "red"), ("is it big", "no")])
     assert np.array_equal(doc.ids, want.ids) and np.array_equal(doc.loss_mask, want.loss_mask)
+
 
 def test_mixture_follows_the_weights(token_dataset, fmt):
     loader = Loader([(str(token_dataset), 3.0), (str(token_dataset), 1.0)], fmt, 200, 8, seed=3)

@@ -153,7 +153,6 @@ def test_evaluators_and_report_run_end_to_end(tmp_path, world_model):
     assert html.count("data:image/png;base64") >= 12 and "data:image/gif;base64" in html and "<table>" in html
 
 
-
 def test_caption_scoring_counts_objects_named_by_colour_and_kind():
     """A captioner that names every object scores 1; one that names only kinds, or other colours, 0."""
     from types import SimpleNamespace
@@ -171,6 +170,7 @@ def test_caption_scoring_counts_objects_named_by_colour_and_kind():
     assert bench.eval_captions(captioner(full), 20, 5) == 1.0
     assert bench.eval_captions(captioner(lambda sc: " and ".join(f"a {k}" for _, _, k in groups(sc))), 20, 5) == 0
     assert bench.eval_captions(captioner(lambda sc: "a brown circle"), 20, 5) == 0
+
 
 def test_inpainting_scoring_with_a_perfect_inpainter():
     """Handing back the scene itself scores (nearly) every scene right; erasing the inside loses the

@@ -48,8 +48,6 @@ class Record:
 
 def qa_record(codes: np.ndarray, turns: list[tuple[np.ndarray, np.ndarray]]) -> Record:
     """A QA record: one image and (question ids, answer ids) turns, the first as question/answer."""
-    if not turns:
-        raise InputError("a QA record needs at least one question and answer")
     (q, a), *more = turns
     fields = {"codes": codes, "question": q, "answer": a}
     for i, (q, a) in enumerate(more, 1):

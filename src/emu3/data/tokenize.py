@@ -38,6 +38,11 @@ from .shards import FORMAT, VERSION, Record, qa_record, read_index, shard_name, 
 MEDIA_SUFFIXES = media.IMAGE_SUFFIXES | media.VIDEO_SUFFIXES
 
 
+def _text(x) -> bool:
+    """A string with something in it besides whitespace."""
+    return isinstance(x, str) and bool(x.strip())
+
+
 @dataclass
 class Task:
     shard: int
@@ -196,14 +201,16 @@ class _Worker:
         if "image" in item:
             codes = self.image(item["image"])
             if "question" in item or "answer" in item:
-                if not item.get("answer"):
+                # checked here, not when training formats the record (a blank answer would stop the run)
+                if not _text(item.get("answer")):
                     raise InputError("a QA record needs an answer")
-                if not isinstance(item.get("follow_ups", []), list):
+                follow_ups = item.get("follow_ups", [])
+                if not isinstance(follow_ups, list):
                     raise InputError("follow_ups must be a list of [question, answer] pairs")
-                turns = [(item.get("question", ""), item["answer"]), *item.get("follow_ups", [])]
-                for i, turn in enumerate(turns[1:], 1):
-                    if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and turn[1]):
-                        raise InputError(f"follow_ups[{i - 1}] must be a [question, answer] pair with an answer")
+                for i, turn in enumerate(follow_ups):
+                    if not (isinstance(turn, list) and len(turn) == 2 and isinstance(turn[0], str) and _text(turn[1])):
+                        raise InputError(f"follow_ups[{i}] must be a [question, answer] pair with an answer")
+                turns = [(item.get("question", ""), item["answer"]), *follow_ups]
                 return qa_record(codes, [(self.ids(q), self.ids(a)) for q, a in turns])
             if not item.get("caption"):
                 raise InputError("no caption")
