@@ -413,7 +413,9 @@ def test_web_page_in_headless_chromium(server, emu, tmp_path):
 
 
 def test_server_process_that_cannot_start_raises_with_its_output(tmp_path):
+    server = ServerProcess(["--model", str(tmp_path / "nothing-here")], timeout=60)
     with pytest.raises(RuntimeError, match="exited with status") as e:
-        with ServerProcess(["--model", str(tmp_path / "nothing-here")], timeout=60):
+        with server:
             pass
     assert "nothing-here" in str(e.value)  # the CLI's own error, quoted
+    assert "nothing-here" in server.output()  # still readable once the process and its log are gone

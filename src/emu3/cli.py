@@ -501,13 +501,13 @@ def build_parser() -> argparse.ArgumentParser:
     video_opts(p)
     p.set_defaults(func=cmd_vq_reconstruct)
 
-    def lm_opts(p):
+    def lm_opts(p, seed: int = 0, seed_help: str = "per-request seed (image j of prompt i: seed + i*n + j)"):
         p.add_argument("--model", metavar="DIR", help="Emu3 model folder (released or -hf layout)")
         p.add_argument("--tokenizer", metavar="DIR",
                        help="vision tokenizer folder (default: DIR/vision_tokenizer, or the -hf folder itself)")
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
         p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bf16 on GPUs, fp32 on the CPU")
-        p.add_argument("--seed", type=int, default=0, help="per-request seed (image j of prompt i: seed + i*n + j)")
+        p.add_argument("--seed", type=int, default=seed, help=seed_help)
         p.add_argument("--temperature", type=float, help="0 means greedy")
         p.add_argument("--top-k", type=int, help="0 means off (released images: 2048)")
         p.add_argument("--top-p", type=float, help="1 means off")
@@ -582,8 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scenes to inpaint (0: skip; run only for a model trained with order=spiral)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--cfg", type=float, help="guidance scale for generation and video (default: the model's)")
-    lm_opts(p)
-    p.set_defaults(func=cmd_eval, seed=10_000)  # --seed: the held-out seeds start there
+    lm_opts(p, 10_000, "first held-out seed (default 10,000): generation draws from it, understanding from "
+                       "+10,000, video +20,000, tokenizer +30,000, inpainting +40,000; training data uses 0")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("eval-vla", help="closed-loop success of a VLA model on the table-top task")
     p.add_argument("--episodes", type=int, default=100, metavar="N", help="held-out tables (seeds 100,000+)")

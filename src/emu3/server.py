@@ -912,9 +912,12 @@ class ServerProcess:
         self.args, self.timeout, self.host = list(args), timeout, host
         self.port = free_port(host)
         self.url = f"http://{host}:{self.port}"
-        self.proc = None
+        self.proc, self._log, self._final = None, None, ""
 
     def output(self) -> str:
+        """Everything the server has printed so far (after the block: all it printed)."""
+        if self._log is None or self._log.closed:
+            return self._final
         self._log.flush()
         return Path(self._log.name).read_text(errors="replace")
 
@@ -955,4 +958,6 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._log.close()
+        if self._log is not None and not self._log.closed:
+            self._final = self.output()
+            self._log.close()
