@@ -228,15 +228,8 @@ def test_dataset_builder_writes_every_kind(tmp_path, small_tokenizer):
 
     text = TextTokenizer.train(corpus(0, 40), 300, 1024, min_frequency=1)
     vision = VisionTokenizer.from_preset("demo")
-    counts = build(tmp_path, vision, text, {"images": 5, "qa": 3, "videos": 1, "stories": 1, "reasoned": 3},
-                   progress=False)
-    assert counts == {"images": 5, "qa": 3, "videos": 1, "stories": 1, "reasoned": 3}
-    for i in range(3):  # the same images and questions; the answer ends in the one-word one
-        qa, why = TokenDataset(tmp_path / "qa")[i], TokenDataset(tmp_path / "reasoned")[i]
-        assert np.array_equal(qa.fields["codes"], why.fields["codes"])
-        assert np.array_equal(qa.fields["question"], why.fields["question"])
-        short, long = text.decode(qa.fields["answer"]), text.decode(why.fields["answer"])
-        assert long.endswith(", so " + short) and bench.final_answer(long) == short == bench.final_answer(short)
+    counts = build(tmp_path, vision, text, {"images": 5, "qa": 3, "videos": 1, "stories": 1}, progress=False)
+    assert counts == {"images": 5, "qa": 3, "videos": 1, "stories": 1}
     video = TokenDataset(tmp_path / "videos")[0]
     assert video.kind == "video" and video.fields["codes"].shape == (4, 8, 8)
     story = TokenDataset(tmp_path / "stories")[0]
@@ -263,28 +256,23 @@ def test_build_demo_end_to_end_and_resumable(tmp_path):
     from emu3.world.recipe import DEMO_PARTS, build_demo
 
     logs = []
-    counts = {"images": 48, "qa": 24, "videos": 2, "stories": 2, "reasoned": 24}
+    counts = {"images": 48, "qa": 24, "videos": 2, "stories": 2}
     final = build_demo(tmp_path / "b", vq_steps=12, lm_steps=4, counts=counts, progress=False, log=logs.append)
     recipe = json.loads((final / "RECIPE.json").read_text())
     assert recipe["vq"]["steps"] == 12 and recipe["lm"]["steps"] == 4 and recipe["dataset_counts"] == counts
     assert recipe["lm_part2"]["steps"] == 4 and recipe["lm_part2"]["model"] == str(tmp_path / "b" / "lm-part1")
     assert recipe["lm_part3"]["model"] == str(tmp_path / "b" / "lm-part2") and recipe["lm_part3"]["seed"] == 2
     assert recipe["lm_part3"]["answer_weight"] == 1.0 and recipe["lm_part4"]["answer_weight"] == 8.0
-    part5 = " ".join(recipe["lm_part5"]["data"])
-    assert "/data/reasoned:" in part5 and "/data/qa:" not in part5 and recipe["mix_from_part5"]["reasoned"] == 0.25
     with pytest.raises(InputError, match="parts"):
         build_demo(tmp_path / "c", parts=0)
-    with pytest.raises(InputError, match="reasoned"):
-        build_demo(tmp_path / "c", counts={"images": 48, "qa": 24})
     emu = Emu3.from_pretrained(final)
     (image,) = emu.generate_images(["a red circle"], seed=0)
     assert image.pixels.shape == (64, 64, 3)
     assert isinstance(emu.chat(image.pixels, "what color is the circle", max_new_tokens=2), str)
     logs.clear()
     build_demo(tmp_path / "b", vq_steps=12, lm_steps=4, counts=counts, progress=False, log=logs.append)
-    # two tokenizers, datasets, part 1, then an export and a training stage for every later part, and the
-    # reasoned QA dataset (part 5 on)
-    assert sum("done already" in line for line in logs) == 4 + 2 * (DEMO_PARTS - 1) + 1
+    # two tokenizers, datasets, part 1, then an export and a training stage for every later part
+    assert sum("done already" in line for line in logs) == 4 + 2 * (DEMO_PARTS - 1)
 
 
 @pytest.mark.slow

@@ -151,17 +151,6 @@ def join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def inventory(scene: Scene) -> str:
-    """Every object by count, colour and kind, from left to right: "a red circle and two blue squares"."""
-    return join([count_phrase(n, c, k) for n, c, k in groups(scene)])
-
-
-def reasoned(scene: Scene, answer: str) -> str:
-    """An answer that first lists what the image holds, then answers: "a red circle and two blue squares,
-    so zero" (the built-in model's answers from part 5 on; emu3.eval.bench.final_answer reads them)."""
-    return f"{inventory(scene)}, so {answer}"
-
-
 def caption(scene: Scene, rng: np.random.Generator) -> str:
     """A varied description that pins every object: counts, colours, a relation for two objects."""
     with_color = rng.random() > 0.1
