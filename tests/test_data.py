@@ -162,7 +162,8 @@ def test_qa_follow_ups_become_one_conversation_about_the_image(dataset_inputs, t
     lines = [{"image": str(imgs / "03.png"), "question": "how many circles", "answer": "two",
               "follow_ups": [["what color is the circle", "red"], ["is it big", "no"]]},
              {"image": str(imgs / "04.png"), "question": "q", "answer": "a", "follow_ups": [["q2"]]},
-             {"image": str(imgs / "05.png"), "question": "q", "answer": "a", "follow_ups": [["q2", "  "]]}]
+             {"image": str(imgs / "05.png"), "question": "q", "answer": "a", "follow_ups": [["q2", "  "]]},
+             {"image": str(imgs / "05.png"), "question": ["q"], "answer": "a"}]
     manifest = tmp_path / "follow_ups.jsonl"
     manifest.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     out = tmp_path / "d"
@@ -170,7 +171,8 @@ def test_qa_follow_ups_become_one_conversation_about_the_image(dataset_inputs, t
                      progress=False)
     index = read_index(out)
     assert summary(index)["kinds"] == {"qa": 1}
-    assert list(summary(index)["skipped"]) == ["follow_ups[0] must be a [question, answer] pair with an answer"]
+    assert sorted(summary(index)["skipped"]) == ["a QA record's question must be a string",
+                                                  "follow_ups[0] must be a [question, answer] pair with an answer"]
     assert summary(index)["skipped"]["follow_ups[0] must be a [question, answer] pair with an answer"] == 2  # blank too
     record = TokenDataset(out)[0]
     assert record.meta == {"turns": 3} and set(record.fields) == {"codes", "question", "answer", "q1", "a1", "q2", "a2"}

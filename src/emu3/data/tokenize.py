@@ -204,6 +204,8 @@ class _Worker:
                 # checked here, not when training formats the record (a blank answer would stop the run)
                 if not _text(item.get("answer")):
                     raise InputError("a QA record needs an answer")
+                if not isinstance(item.get("question", ""), str):
+                    raise InputError("a QA record's question must be a string")
                 follow_ups = item.get("follow_ups", [])
                 if not isinstance(follow_ups, list):
                     raise InputError("follow_ups must be a list of [question, answer] pairs")
