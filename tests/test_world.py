@@ -62,6 +62,27 @@ def test_language_matches_the_scene():
     assert seen == set(bench.QUESTION_KINDS)
 
 
+def test_reasoned_answers_scan_the_scene_from_the_left():
+    """The part-5 answers: the same questions from the same draws; count, colour and existence go through
+    the objects from left to right (a running tally for a count, stopping at the asked object for the
+    others); relations stay one word."""
+    scene = Scene([Shape("circle", "green", 40, 30, 6), Shape("circle", "red", 12, 30, 6),
+                   Shape("square", "blue", 55, 10, 6)])
+    plain, why = questions(scene, np.random.default_rng(1), 50), questions(scene, np.random.default_rng(1), 50, True)
+    assert [q for q, _ in plain] == [q for q, _ in why]
+    assert all(bench.final_answer(b) == a for (_, a), (_, b) in zip(plain, why))
+    why = dict(why)
+    assert why["how many circles are there"] == "red circle: one, green circle: two, blue square: two, so two"
+    assert why["how many triangles are there"] == "red circle: zero, green circle: zero, blue square: zero, so zero"
+    assert why["how many squares are there"] == "red circle: zero, green circle: zero, blue square: one, so one"
+    assert why["what color is the square"] == "red circle, green circle, blue square, so blue"
+    assert why["is the red circle left of the green circle"] == "yes"
+    scan = "red circle, green circle, blue square"
+    existence = {" ".join(q.split()[-2:]): a for q, a in why.items() if q.startswith("is there")}
+    assert existence and all(a == (f"{scan[:scan.index(obj) + len(obj)]}, so yes" if obj in scan else f"{scan}, so no")
+                             for obj, a in existence.items()), existence
+
+
 def test_video_scoring_on_true_and_still_frames():
     """The video evaluator's yardsticks: the world's own frames place nearly every object, holding the
     4th frame still places only those that barely moved."""
@@ -154,22 +175,20 @@ def test_evaluators_and_report_run_end_to_end(tmp_path, world_model):
 
 
 def test_caption_scoring_counts_objects_named_by_colour_and_kind():
-    """A captioner that names every object scores 1; one that names only kinds, or other colours, 0."""
+    """A captioner that names every object it sees scores (nearly) 1; one that names only kinds, or other
+    colours, 0. The captioners read the image they are shown (with the exact detector), so the test does not
+    depend on which scenes eval_captions draws."""
     from types import SimpleNamespace
 
-    from emu3.world.scenes import groups
+    from emu3.eval.detect import detect
 
     def captioner(say):
-        rng = np.random.default_rng(5)  # eval_captions draws its scenes from this seed, in this order
-        scenes = (sample_scene(rng) for _ in iter(int, 1))
-        return SimpleNamespace(chat=lambda image, q, **kw: say(next(scenes)))
+        return SimpleNamespace(chat=lambda image, q, **kw: say(detect(image)))
 
-    def full(sc):
-        return " and ".join(f"{n} {c} {k}s" if n > 1 else f"a {c} {k}" for n, c, k in groups(sc))
-
-    assert bench.eval_captions(captioner(full), 20, 5) == 1.0
-    assert bench.eval_captions(captioner(lambda sc: " and ".join(f"a {k}" for _, _, k in groups(sc))), 20, 5) == 0
-    assert bench.eval_captions(captioner(lambda sc: "a brown circle"), 20, 5) == 0
+    every = captioner(lambda found: " and ".join(f"a {d.color} {d.kind}" for d in found))
+    assert bench.eval_captions(every, 20, 5) >= 0.95
+    assert bench.eval_captions(captioner(lambda found: " and ".join(f"a {d.kind}" for d in found)), 20, 5) == 0
+    assert bench.eval_captions(captioner(lambda found: "a brown circle"), 20, 5) == 0
 
 
 def test_inpainting_scoring_with_a_perfect_inpainter():
@@ -228,8 +247,15 @@ def test_dataset_builder_writes_every_kind(tmp_path, small_tokenizer):
 
     text = TextTokenizer.train(corpus(0, 40), 300, 1024, min_frequency=1)
     vision = VisionTokenizer.from_preset("demo")
-    counts = build(tmp_path, vision, text, {"images": 5, "qa": 3, "videos": 1, "stories": 1}, progress=False)
-    assert counts == {"images": 5, "qa": 3, "videos": 1, "stories": 1}
+    counts = build(tmp_path, vision, text, {"images": 5, "qa": 3, "videos": 1, "stories": 1, "reasoned": 3},
+                   progress=False)
+    assert counts == {"images": 5, "qa": 3, "videos": 1, "stories": 1, "reasoned": 3}
+    for i in range(3):  # the same images and questions; the reasoned answer ends in the one-word one
+        qa, why = TokenDataset(tmp_path / "qa")[i], TokenDataset(tmp_path / "reasoned")[i]
+        assert np.array_equal(qa.fields["codes"], why.fields["codes"])
+        assert np.array_equal(qa.fields["question"], why.fields["question"])
+        short, long = text.decode(qa.fields["answer"]), text.decode(why.fields["answer"])
+        assert bench.final_answer(long) == short == bench.final_answer(short)
     video = TokenDataset(tmp_path / "videos")[0]
     assert video.kind == "video" and video.fields["codes"].shape == (4, 8, 8)
     story = TokenDataset(tmp_path / "stories")[0]
@@ -256,23 +282,28 @@ def test_build_demo_end_to_end_and_resumable(tmp_path):
     from emu3.world.recipe import DEMO_PARTS, build_demo
 
     logs = []
-    counts = {"images": 48, "qa": 24, "videos": 2, "stories": 2}
+    counts = {"images": 48, "qa": 24, "videos": 2, "stories": 2, "reasoned": 24}
     final = build_demo(tmp_path / "b", vq_steps=12, lm_steps=4, counts=counts, progress=False, log=logs.append)
     recipe = json.loads((final / "RECIPE.json").read_text())
     assert recipe["vq"]["steps"] == 12 and recipe["lm"]["steps"] == 4 and recipe["dataset_counts"] == counts
     assert recipe["lm_part2"]["steps"] == 4 and recipe["lm_part2"]["model"] == str(tmp_path / "b" / "lm-part1")
     assert recipe["lm_part3"]["model"] == str(tmp_path / "b" / "lm-part2") and recipe["lm_part3"]["seed"] == 2
     assert recipe["lm_part3"]["answer_weight"] == 1.0 and recipe["lm_part4"]["answer_weight"] == 8.0
+    part5 = " ".join(recipe["lm_part5"]["data"])
+    assert "/data/reasoned:" in part5 and "/data/qa:" not in part5 and recipe["mix_from_part5"]["reasoned"] == 0.25
     with pytest.raises(InputError, match="parts"):
         build_demo(tmp_path / "c", parts=0)
+    with pytest.raises(InputError, match="reasoned"):
+        build_demo(tmp_path / "c", counts={"images": 48, "qa": 24})
     emu = Emu3.from_pretrained(final)
     (image,) = emu.generate_images(["a red circle"], seed=0)
     assert image.pixels.shape == (64, 64, 3)
     assert isinstance(emu.chat(image.pixels, "what color is the circle", max_new_tokens=2), str)
     logs.clear()
     build_demo(tmp_path / "b", vq_steps=12, lm_steps=4, counts=counts, progress=False, log=logs.append)
-    # two tokenizers, datasets, part 1, then an export and a training stage for every later part
-    assert sum("done already" in line for line in logs) == 4 + 2 * (DEMO_PARTS - 1)
+    # two tokenizers, datasets, part 1, then an export and a training stage for every later part, and the
+    # reasoned QA dataset (part 5 on)
+    assert sum("done already" in line for line in logs) == 4 + 2 * (DEMO_PARTS - 1) + 1
 
 
 @pytest.mark.slow

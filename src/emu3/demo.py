@@ -89,8 +89,8 @@ def build_report(emu, out: str, seed: int = 50_000, eval_sizes: dict | None = No
     for _ in range(8):
         scene = sample_scene(rng)
         (q, a), = questions(scene, rng, 1)
-        answer = emu.chat(render(scene), q, max_new_tokens=4)
-        qa.append(_figure(_png(render(scene)), f"{q}? -> {answer} (truth: {a})", answer.strip().lower() == a))
+        answer = emu.chat(render(scene), q, max_new_tokens=48)
+        qa.append(_figure(_png(render(scene)), f"{q}? -> {answer} (truth: {a})", bench.final_answer(answer) == a))
     parts.append('<section><h2>Questions about held-out images</h2><div class="grid">' + "".join(qa) +
                  "</div></section>")
     vids = []

@@ -22,7 +22,7 @@ import torch
 
 from ..metrics import psnr, ssim
 from ..world.motion import sample_clip
-from ..world.scenes import COLORS, NUMBERS, SHAPES, article, count_phrase, plural, questions, render, sample_scene
+from ..world.scenes import COLORS, NUMBERS, SHAPES, article, plural, questions, render, sample_scene
 from .detect import detect
 
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -108,15 +108,22 @@ def question_kind(question: str) -> str:
     return "side" if question.endswith("on the left or on the right") else "relation"
 
 
-def eval_understanding(emu, n: int = 200, seed: int = 20_000) -> dict:
-    """Exact-match accuracy, overall and per question kind (count, color, existence, relation, side)."""
+def final_answer(text: str) -> str:
+    """The answer in a reply: all of a one-word reply, or what follows the last ", so " of a reasoned one
+    ("a red circle and two blue squares, so zero"), lower-cased, without a full stop."""
+    return text.rsplit(", so ", 1)[-1].strip().strip(".").lower()
+
+
+def eval_understanding(emu, n: int = 200, seed: int = 20_000, max_new_tokens: int = 48) -> dict:
+    """Exact-match accuracy of the final answer (`final_answer`), overall and per question kind (count,
+    color, existence, relation, side)."""
     rng = np.random.default_rng(seed)
     right = {k: [] for k in QUESTION_KINDS}
     for _ in range(n):
         scene = sample_scene(rng)
         (q, a), = questions(scene, rng, 1)
-        answer = emu.chat(render(scene), q, max_new_tokens=4)
-        right[question_kind(q)].append(answer.strip().strip(".").lower() == a)
+        answer = emu.chat(render(scene), q, max_new_tokens=max_new_tokens)
+        right[question_kind(q)].append(final_answer(answer) == a)
     kinds = {k: float(np.mean(v)) for k, v in right.items() if v}
     return {"accuracy": float(np.mean(sum(right.values(), []))), **kinds, "questions": n,
             "asked": {k: len(v) for k, v in right.items() if v}}
@@ -186,7 +193,7 @@ def eval_inpainting(emu, n: int = 64, seed: int = 50_000, rings: int = 2) -> dic
     square"). Scored like generation's counting: right when the detector finds exactly the scene's
     objects (colour and kind, with multiplicity) in the result. Beside it, on the same scenes, the vision
     tokenizer's round trip (the ceiling through the codes) and the border alone over a plain inside."""
-    from ..world.scenes import groups, join
+    from ..world.scenes import inventory
 
     rng = np.random.default_rng(seed)
     objects = lambda img: sorted((d.color, d.kind) for d in detect(img))  # noqa: E731
@@ -194,7 +201,7 @@ def eval_inpainting(emu, n: int = 64, seed: int = 50_000, rings: int = 2) -> dic
     for i in range(n):
         scene = sample_scene(rng)
         image = render(scene)
-        text = join([count_phrase(k, c, s) for k, c, s in groups(scene)])
+        text = inventory(scene)
         g = emu.inpaint(image, text, rings, seed=seed + i)
         want = sorted((s.color, s.kind) for s in scene.shapes)
         ok.append(objects(g.pixels) == want)

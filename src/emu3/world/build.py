@@ -18,11 +18,12 @@ from ..errors import InputError
 from .motion import describe, sample_clip
 from .scenes import COLORS, Shape, _fits, article, caption, questions, relation, render, sample_scene
 
-KINDS = ("images", "qa", "videos", "stories")
+KINDS = ("images", "qa", "videos", "stories", "reasoned")
 
 
 def rng_for(seed: int, kind: str, i: int) -> np.random.Generator:
-    return np.random.default_rng([seed, KINDS.index(kind), i])
+    """`reasoned` records draw from qa's generators: the same scenes and questions, answered with reasons."""
+    return np.random.default_rng([seed, KINDS.index("qa" if kind == "reasoned" else kind), i])
 
 
 def story(rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
@@ -72,7 +73,9 @@ def _write(out: Path, records: list[Record], vocab: dict, shard_size: int = 4096
 
 def build(out: str | os.PathLike, vision, text, counts: dict[str, int], seed: int = 0, batch: int = 256,
           progress: bool = True) -> dict[str, int]:
-    """Write one dataset per kind under `out` (images/, qa/, videos/, stories/); returns record counts."""
+    """Write one dataset per kind under `out` (images/, qa/, videos/, stories/, reasoned/); returns record
+    counts. A `qa` record answers in one word ("two"), a `reasoned` one first names the scene's objects
+    from left to right ("red circle: one, blue square: one, green circle: two, so two")."""
     out = Path(out)
     vocab = {"text_size": text.vocab.text_size, "codebook_size": text.vocab.codebook_size}
     ids = lambda s: np.asarray(text.encode(s, allow_special=False), np.int64)  # noqa: E731
@@ -93,7 +96,7 @@ def build(out: str | os.PathLike, vision, text, counts: dict[str, int], seed: in
         records: list[Record] = []
         for start in range(0, n, batch):
             items = range(start, min(n, start + batch))
-            if kind in ("images", "qa"):
+            if kind in ("images", "qa", "reasoned"):
                 drawn = []
                 for i in items:
                     rng = rng_for(seed, kind, i)
@@ -103,7 +106,7 @@ def build(out: str | os.PathLike, vision, text, counts: dict[str, int], seed: in
                     if kind == "images":
                         records.append(Record("image", {"caption": ids(caption(sc, rng)), "codes": c}))
                     else:
-                        (q, a), = questions(sc, rng, 1)
+                        (q, a), = questions(sc, rng, 1, reasons=kind == "reasoned")
                         records.append(Record("qa", {"codes": c, "question": ids(q), "answer": ids(a)}))
             elif kind == "videos":
                 for i in items:

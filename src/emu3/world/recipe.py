@@ -4,9 +4,11 @@
 2. a byte-level BPE trained on the world's captions, questions and stories;
 3. token shards: captioned images, QA, videos and stories (emu3.world.build);
 4. `train demo`: the language model on their mixture (weights below), then LATER_PARTS (`demo-2` for
-   parts 2 and 3, `demo-4`, whose QA answers weigh 8, for part 4) up to DEMO_PARTS: the same mixture
-   again from the previous part's weights with a fresh warm-up and cosine (added when part 1's 2,400
-   steps proved too few, and kept while each part still gains);
+   parts 2 and 3, `demo-4`, whose QA answers weigh 8, for part 4, `demo-5` for part 5) up to DEMO_PARTS:
+   the same mixture again from the previous part's weights with a fresh warm-up and cosine (added when
+   part 1's 2,400 steps proved too few, and kept while each part still gains); from part 5 on, the QA
+   share is the `reasoned` dataset (built then): the same questions, answered by first naming the
+   scene's objects from left to right ("red circle: one, blue square: one, green circle: two, so two");
 5. export (16-bit floats), `emu3_defaults.json`, `RECIPE.json` (every setting and seed), evaluation.
 
 Every stage leaves its output under OUT and is skipped when it is already there, so a stopped run
@@ -24,16 +26,19 @@ import numpy as np
 import torch
 
 MIX = {"images": 0.55, "qa": 0.25, "videos": 0.12, "stories": 0.08}
-COUNTS = {"images": 100_000, "qa": 50_000, "videos": 8000, "stories": 6000}
+COUNTS = {"images": 100_000, "qa": 50_000, "videos": 8000, "stories": 6000, "reasoned": 50_000}
+# from part 5 (`demo-5`) on: the QA share answers with reasons (emu3.world.scenes.questions, reasons=True)
+MIX_REASONED = {"images": 0.55, "reasoned": 0.25, "videos": 0.12, "stories": 0.08}
 BPE_SIZE = 768
-DEMO_PARTS = 4  # language-model parts: `demo`, then LATER_PARTS, each from the previous part's weights
-LATER_PARTS = ("demo-2", "demo-2", "demo-4")  # presets of parts 2, 3 and 4; parts past these repeat the last
+DEMO_PARTS = 5  # language-model parts: `demo`, then LATER_PARTS, each from the previous part's weights
+LATER_PARTS = ("demo-2", "demo-2", "demo-4", "demo-5")  # presets of parts 2-5; parts past these repeat the last
 DEFAULTS = {"positive_suffix": "", "negative_prompt": "", "cfg_scale": 3.0, "image_top_k": 16,
-            "image_temperature": 1.0, "text_temperature": 0.0, "max_new_tokens": 16, "video_fps": 8.0}
+            "image_temperature": 1.0, "text_temperature": 0.0, "max_new_tokens": 48, "video_fps": 8.0}
 
 
 def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = None, counts: dict | None = None,
                seed: int = 0, parts: int | None = None, progress: bool = True, log=print) -> Path:
+    from ..errors import InputError
     from ..tokenizer import TextTokenizer
     from ..train.config import make_config
     from ..train.trainer import export, train
@@ -43,12 +48,12 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
 
     parts = DEMO_PARTS if parts is None else parts
     if parts < 1:
-        from ..errors import InputError
-
         raise InputError(f"--parts must be at least 1 (part 1 is the `demo` stage); got {parts}")
+    counts = counts or COUNTS
+    if parts >= 5 and not counts.get("reasoned"):
+        raise InputError("parts 5 and later train on the reasoned QA dataset: counts needs a 'reasoned' entry")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    counts = counts or COUNTS
     stage, times = _stages(out, log)
 
     vq_over = [f"out={out / 'vq'}", f"seed={seed}"]
@@ -61,8 +66,9 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
           lambda: TextTokenizer.train(corpus(seed), BPE_SIZE, 1024, min_frequency=2).save_pretrained(out / "text"))
     vision = VisionTokenizer.from_pretrained(out / "vq" / "tokenizer", frame_batch=64)
     text = TextTokenizer.from_pretrained(out / "text")
-    stage("datasets", lambda: all((out / "data" / k / "index.json").exists() for k in counts),
-          lambda: build(out / "data", vision, text, counts, seed, progress=progress))
+    first = {k: n for k, n in counts.items() if k != "reasoned"}  # reasoned: a later stage, for part 5
+    stage("datasets", lambda: all((out / "data" / k / "index.json").exists() for k in first),
+          lambda: build(out / "data", vision, text, first, seed, progress=progress))
     data = ",".join(f"{out / 'data' / k}:{w}" for k, w in MIX.items() if counts.get(k))
     overrides = {"data": data, "text_tokenizer": str(out / "text"), "out": str(out / "lm"), "seed": seed}
     if lm_steps:
@@ -81,6 +87,11 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
         run = out / f"lm{k}"
         over = {**overrides, "out": str(run), "model": str(start), "seed": seed + k - 1}
         preset = LATER_PARTS[min(k - 2, len(LATER_PARTS) - 1)]
+        if k >= 5:  # the QA share answered with reasons: a stage of its own, so builds made before it resume
+            stage("reasoned QA dataset", lambda: (out / "data" / "reasoned" / "index.json").exists(),
+                  lambda: build(out / "data", vision, text, {"reasoned": counts["reasoned"]}, seed, progress=progress))
+            over["data"] = ",".join(f"{out / 'data' / name}:{w}" for name, w in MIX_REASONED.items()
+                                     if counts.get(name))
         if lm_steps:
             over.update(_shortened(make_config(preset, {}), lm_steps))
         cfg_k = make_config(preset, over)
@@ -90,7 +101,9 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
         parts_cfg[f"lm_part{k}"] = _json(run / "config.json")
         step_minutes[f"language model, part {k}"] = _step_minutes(run)
     recipe = {"seed": seed, "vq": _json(out / "vq" / "config.json"), "bpe_size": BPE_SIZE,
-              "dataset_counts": counts, "mix": MIX, "lm": _json(out / "lm" / "config.json"), **parts_cfg,
+              "dataset_counts": counts if parts >= 5 else first, "mix": MIX,
+              **({"mix_from_part5": MIX_REASONED} if parts >= 5 else {}), "lm": _json(out / "lm" / "config.json"),
+              **parts_cfg,
               "stage_minutes": {k: round(v / 60, 1) for k, v in times.items()}, "step_minutes": step_minutes,
               "torch": torch.__version__,
               "command": f"emu3 build-demo {out}" + (f" --vq-steps {vq_steps}" if vq_steps else "")

@@ -151,6 +151,11 @@ def join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+def inventory(scene: Scene) -> str:
+    """Every object by count, colour and kind, from left to right: "a red circle and two blue squares"."""
+    return join([count_phrase(n, c, k) for n, c, k in groups(scene)])
+
+
 def caption(scene: Scene, rng: np.random.Generator) -> str:
     """A varied description that pins every object: counts, colours, a relation for two objects."""
     with_color = rng.random() > 0.1
@@ -167,35 +172,52 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     return text
 
 
-def questions(scene: Scene, rng: np.random.Generator, k: int = 1) -> list[tuple[str, str]]:
-    """k (question, one-word answer) pairs: count, colour, existence, relation, position."""
+def questions(scene: Scene, rng: np.random.Generator, k: int = 1, reasons: bool = False) -> list[tuple[str, str]]:
+    """k (question, one-word answer) pairs: count, colour, existence, relation, position.
+
+    With `reasons`, the same questions (the same draws from rng) answered the way the built-in model does
+    from part 5 on: count, colour and existence answers first go through the scene's objects one by one
+    from left to right, naming each by colour and kind, and end in the one-word answer after ", so "
+    (emu3.eval.bench.final_answer reads it). A count keeps a running tally after every object ("red
+    circle: one, blue square: one, green circle: two, so two"); a colour question stops at the object of
+    the asked kind ("red circle, blue square, so blue"), an existence one at the asked object or after the
+    last ("red circle, blue triangle, so no"). So every step looks only at the image, the question and the
+    words just written. Relation and side answers stay one word."""
     pool = []
     kinds = {s.kind for s in scene.shapes}
+    scan = sorted(scene.shapes, key=lambda s: s.x)
+
+    def until(hit) -> str:  # objects from the left up to the first hit, or all of them
+        upto = next((i + 1 for i, s in enumerate(scan) if hit(s)), len(scan))
+        return ", ".join(s.phrase() for s in scan[:upto])
+
     for kind in SHAPES:
-        n = sum(s.kind == kind for s in scene.shapes)
-        pool.append((f"how many {plural(kind, 2)} are there", NUMBERS.get(n, "zero") if n else "zero"))
+        tally = np.cumsum([s.kind == kind for s in scan])
+        why = ", ".join(f"{s.phrase()}: {NUMBERS.get(int(n), 'zero')}" for s, n in zip(scan, tally))
+        pool.append((f"how many {plural(kind, 2)} are there", NUMBERS.get(int(tally[-1]), "zero"), why))
     for kind in kinds:
         same = [s for s in scene.shapes if s.kind == kind]
         if len(same) == 1:
-            pool.append((f"what color is the {kind}", same[0].color))
+            pool.append((f"what color is the {kind}", same[0].color, until(lambda s, k=kind: s.kind == k)))
     for _ in range(2):
         color, kind = list(COLORS)[int(rng.integers(len(COLORS)))], SHAPES[int(rng.integers(len(SHAPES)))]
         present = any(s.color == color and s.kind == kind for s in scene.shapes)
         if rng.random() < 0.5 and scene.shapes:  # ask about a present object half of the time
             s = scene.shapes[int(rng.integers(len(scene.shapes)))]
             color, kind, present = s.color, s.kind, True
-        pool.append((f"is there {article(color)} {color} {kind}", "yes" if present else "no"))
+        pool.append((f"is there {article(color)} {color} {kind}", "yes" if present else "no",
+                     until(lambda s, c=color, k=kind: (s.color, s.kind) == (c, k))))
     unique = [s for s in scene.shapes if sum(o.color == s.color and o.kind == s.kind for o in scene.shapes) == 1]
     for a in unique:
         for b in unique:
             if a is not b:
                 rel = relation(a, b)
                 if rel in ("left of", "above"):
-                    pool.append((f"is the {a.phrase()} {rel} the {b.phrase()}", "yes"))
+                    pool.append((f"is the {a.phrase()} {rel} the {b.phrase()}", "yes", None))
                     other = {"left of": "right of", "above": "below"}[rel]
-                    pool.append((f"is the {a.phrase()} {other} the {b.phrase()}", "no"))
+                    pool.append((f"is the {a.phrase()} {other} the {b.phrase()}", "no", None))
         side = "left" if a.x < SIZE / 2 else "right"
         if abs(a.x - SIZE / 2) > 6:
-            pool.append((f"is the {a.phrase()} on the left or on the right", side))
+            pool.append((f"is the {a.phrase()} on the left or on the right", side, None))
     picks = rng.choice(len(pool), size=min(k, len(pool)), replace=False)
-    return [pool[int(i)] for i in picks]
+    return [(q, f"{why}, so {a}" if reasons and why else a) for q, a, why in (pool[int(i)] for i in picks)]
