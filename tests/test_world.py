@@ -77,6 +77,9 @@ def test_reasoned_answers_scan_the_scene_from_the_left():
     assert why["how many squares are there"] == "red circle: zero, green circle: zero, blue square: one, so one"
     assert why["what color is the square"] == "red circle, green circle, blue square, so blue"
     assert why["is the red circle left of the green circle"] == "yes"
+    empty = dict(questions(Scene([]), np.random.default_rng(0), 10, True))  # nothing to go through: one word
+    assert empty["how many circles are there"] == "zero"
+    assert {a for q, a in empty.items() if q.startswith("is there")} == {"no"}
     scan = "red circle, green circle, blue square"
     existence = {" ".join(q.split()[-2:]): a for q, a in why.items() if q.startswith("is there")}
     assert existence and all(a == (f"{scan[:scan.index(obj) + len(obj)]}, so yes" if obj in scan else f"{scan}, so no")

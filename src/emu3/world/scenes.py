@@ -194,7 +194,8 @@ def questions(scene: Scene, rng: np.random.Generator, k: int = 1, reasons: bool 
     for kind in SHAPES:
         tally = np.cumsum([s.kind == kind for s in scan])
         why = ", ".join(f"{s.phrase()}: {NUMBERS.get(int(n), 'zero')}" for s, n in zip(scan, tally))
-        pool.append((f"how many {plural(kind, 2)} are there", NUMBERS.get(int(tally[-1]), "zero"), why))
+        n = int(tally[-1]) if len(scan) else 0  # an empty scene: zero, answered in one word
+        pool.append((f"how many {plural(kind, 2)} are there", NUMBERS.get(n, "zero"), why))
     for kind in kinds:
         same = [s for s in scene.shapes if s.kind == kind]
         if len(same) == 1:
