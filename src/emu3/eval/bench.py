@@ -110,7 +110,7 @@ def question_kind(question: str) -> str:
 
 def final_answer(text: str) -> str:
     """The answer in a reply: all of a one-word reply, or what follows the last ", so " of a reasoned one
-    ("a red circle and two blue squares, so zero"), lower-cased, without a full stop."""
+    ("red circle: one, blue square: one, so one"), lower-cased, without a full stop."""
     return text.rsplit(", so ", 1)[-1].strip().strip(".").lower()
 
 

@@ -28,7 +28,7 @@ import torch
 MIX = {"images": 0.55, "qa": 0.25, "videos": 0.12, "stories": 0.08}
 COUNTS = {"images": 100_000, "qa": 50_000, "videos": 8000, "stories": 6000, "reasoned": 50_000}
 # from part 5 (`demo-5`) on: the QA share answers with reasons (emu3.world.scenes.questions, reasons=True)
-MIX_REASONED = {"images": 0.55, "reasoned": 0.25, "videos": 0.12, "stories": 0.08}
+MIX_REASONED = {("reasoned" if k == "qa" else k): w for k, w in MIX.items()}
 BPE_SIZE = 768
 DEMO_PARTS = 5  # language-model parts: `demo`, then LATER_PARTS, each from the previous part's weights
 LATER_PARTS = ("demo-2", "demo-2", "demo-4", "demo-5")  # presets of parts 2-5; parts past these repeat the last
