@@ -137,6 +137,27 @@ def test_policy_caption_after_and_dropout(token_dataset, fmt):
     assert fmt.parse(text_only.document(record).ids) == [Text("plain text about shapes and colours")]
 
 
+def test_extension_samples_are_given_half_or_a_random_share_of_the_frames(token_dataset, fmt):
+    from emu3.data.shards import Record
+
+    v = fmt.vocab
+    clip = Record("video", {"caption": np.asarray(fmt.tok.encode("a red circle moves left"), np.int64),
+                            "codes": np.arange(4 * 4 * 4).reshape(4, 4, 4) % v.codebook_size}, {"fps": 8.0})
+
+    def given(policy):  # latent frames whose end of frame carries no loss, over 60 extension samples
+        loader = Loader([(str(token_dataset), 1.0)], fmt, 400, 2, policy, seed=0)
+        out = []
+        for _ in range(60):
+            doc = loader.document(clip)
+            eof = doc.ids == v.eof
+            assert eof.sum() == 4 and doc.loss_mask[-1]  # every frame there, EOS a target
+            out.append(int((eof & ~doc.loss_mask).sum()))
+        return out
+
+    assert set(given(MixPolicy(video_extension=1.0))) == {2}  # the first half, as before
+    assert set(given(MixPolicy(video_extension=1.0, extension_context="random"))) == {1, 2, 3}
+
+
 def test_answer_weight_scales_only_qa_answers(token_dataset, fmt):
     """answer_weight multiplies the loss weight of a QA record's answer (and its EOS), nothing else; a QA
     document carried over to the next row keeps it through the loader's saved state."""

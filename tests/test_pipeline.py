@@ -54,6 +54,16 @@ def test_video_generation_and_extension(emu):
     assert longer.pixels.shape == (12, 32, 32, 3)
 
 
+def test_video_top_k_default(emu, monkeypatch):
+    """A folder's video_top_k samples video frames (unset: image_top_k); an explicit top_k wins."""
+    assert emu.video_request("x", 2).visual.top_k == emu.defaults.image_top_k
+    monkeypatch.setattr(emu, "defaults", Defaults(**{**DEFAULTS, "video_top_k": 1}))
+    assert emu.video_request("x", 2).visual.top_k == 1 and emu.video_request("x", 2, top_k=5).visual.top_k == 5
+    assert emu.image_request("x").visual.top_k == emu.defaults.image_top_k
+    a, b = (emu.generate_video("a ball rolls", frames=2, seed=s).codes for s in (1, 2))
+    assert np.array_equal(a, b)  # greedy: the seed no longer matters
+
+
 def test_inpainting_keeps_the_border(emu):
     image = scene(40, 48)
     codes = emu.vision.encode_image(image).numpy()

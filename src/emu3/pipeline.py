@@ -49,6 +49,7 @@ class Defaults:
     max_new_tokens: int = 1024
     chat_template: str = RELEASED_CHAT_TEMPLATE
     video_fps: float | None = None
+    video_top_k: int | None = None  # None: image_top_k (the built-in model extends videos greedily: 1)
     order: str = "raster"
 
     @classmethod
@@ -255,7 +256,8 @@ class Emu3:
         template = video_template(self.vocab, fmt.image_header(h, w), frames - known, h, w)
         cfg = self.defaults.cfg_scale if cfg_scale is None else cfg_scale
         return Request(cond, template, negative=negative, cfg_scale=cfg, seed=seed,
-                       visual=self._image_sampling(temperature, top_k, top_p))
+                       visual=self._image_sampling(temperature, self.defaults.video_top_k if top_k is None else top_k,
+                                                   top_p))
 
     def video_result(self, request: Request, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(codes (t, h, w), frames (T, H, W, 3) uint8) of a finished video request's tokens."""

@@ -39,12 +39,13 @@ class MixPolicy:
 
     drop_caption: float = 0.1
     caption_after: float = 0.0  # image records formatted as image-to-text
-    video_extension: float = 0.0  # video records trained as extension of their first half
+    video_extension: float = 0.0  # video records trained as extension samples
     t2i_loss: str = "all"  # "output": only the image (quality fine-tuning)
     i2t_loss: str = "output"  # "output": only the caption
     vision_weight: float = 0.5
     answer_weight: float = 1.0  # the loss weight of QA answers (a one-word answer is a tiny share of a batch)
     chat_template: str = RELEASED_CHAT_TEMPLATE
+    extension_context: str = "half"  # latent frames given to an extension sample: half, or "random" (1 .. T-1)
 
 
 @dataclass
@@ -116,7 +117,8 @@ class Loader:
         if k == "video":
             caption, codes, fps = record.fields["caption"], record.fields["codes"], record.meta.get("fps")
             if len(codes) > 1 and rng.random() < p.video_extension:
-                return f.video_extension(caption, codes, len(codes) // 2, fps)
+                given = len(codes) // 2 if p.extension_context == "half" else int(rng.integers(1, len(codes)))
+                return f.video_extension(caption, codes, given, fps)
             return f.t2v(caption, codes, fps, p.drop_caption, rng, loss=p.t2i_loss)
         if k == "qa":
             x = record.fields

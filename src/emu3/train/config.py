@@ -44,6 +44,7 @@ class TrainConfig:
     drop_caption: float = 0.1
     caption_after: float = 0.0
     video_extension: float = 0.0
+    extension_context: str = "half"  # latent frames given in an extension sample: "half", or "random" (1 .. T-1)
     t2i_loss: str = "all"
     i2t_loss: str = "output"
     vision_weight: float = 0.5
@@ -95,6 +96,8 @@ class TrainConfig:
               f"warmup ({self.warmup}) and anneal ({self.anneal}) must fit in {self.steps} steps")
         for name in ("drop_caption", "caption_after", "video_extension"):
             check(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1], got {getattr(self, name)}")
+        check(self.extension_context in ("half", "random"),
+              f"extension_context is half or random, got {self.extension_context!r}")
         check(self.dropout is None or 0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         check(self.order in ("auto", *ORDERS), f"order is auto or one of {', '.join(ORDERS)}, got {self.order!r}")
         check(self.vision_weight >= 0 and self.answer_weight >= 0, f"vision_weight and answer_weight must be >= 0, got "
@@ -165,6 +168,9 @@ STAGES["demo-4"] = {**STAGES["demo-2"], "answer_weight": 8.0}
 # to right, each step looking only at the image, the question and the last words (emu3.world.scenes.questions;
 # README, "The built-in model", says what the two earlier answer formats got wrong).
 STAGES["demo-5"] = {**STAGES["demo-4"], "steps": 1200}
+# Part 6: 1,200 steps with twice the clips and a larger video share (emu3.world.recipe MIX_VIDEO), extension
+# samples given 1 .. T-1 latent frames: part 5's extended videos drifted from the physics frame by frame.
+STAGES["demo-6"] = {**STAGES["demo-5"], "extension_context": "random"}
 # The built-in VLA policy (emu3.world.recipe.build_vla_demo sets its data): expert demonstrations of the
 # table-top task as one-frame windows; vision weighs 0.5 and actions 1.0, as in the paper. Then
 # `vla-dagger`: from its weights (recipe sets model=), demonstrations and DAgger records together.

@@ -188,7 +188,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         loader = PairLoader(sources[0][0], tok.vocab.pad, cfg.batch_size, cfg.seed, env.rank, env.world)
     else:
         policy = MixPolicy(cfg.drop_caption, cfg.caption_after, cfg.video_extension, cfg.t2i_loss, cfg.i2t_loss,
-                           cfg.vision_weight, cfg.answer_weight)
+                           cfg.vision_weight, cfg.answer_weight, extension_context=cfg.extension_context)
         loader = Loader(sources, Formatter(tok, cfg.resolved_order()), cfg.seq_len, cfg.batch_size, policy, cfg.seed,
                         env.rank, env.world)
     autocast = use_bf16(cfg.bf16, env.device)

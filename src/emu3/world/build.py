@@ -72,9 +72,10 @@ def _write(out: Path, records: list[Record], vocab: dict, shard_size: int = 4096
 
 
 def build(out: str | os.PathLike, vision, text, counts: dict[str, int], seed: int = 0, batch: int = 256,
-          progress: bool = True) -> dict[str, int]:
-    """Write one dataset per kind under `out` (images/, qa/, videos/, stories/, reasoned/); returns record
-    counts. A `qa` record answers in one word ("two"), a `reasoned` one first names the scene's objects
+          progress: bool = True, first: int = 0) -> dict[str, int]:
+    """Write one dataset per kind under `out` (images/, qa/, videos/, stories/, reasoned/) of records
+    first .. first + count - 1 (so a later stage can add records that an earlier one did not draw); returns
+    record counts. A `qa` record answers in one word ("two"), a `reasoned` one first names the scene's objects
     from left to right ("red circle: one, blue square: one, green circle: two, so two")."""
     out = Path(out)
     vocab = {"text_size": text.vocab.text_size, "codebook_size": text.vocab.codebook_size}
@@ -94,8 +95,8 @@ def build(out: str | os.PathLike, vision, text, counts: dict[str, int], seed: in
         if not n:
             continue
         records: list[Record] = []
-        for start in range(0, n, batch):
-            items = range(start, min(n, start + batch))
+        for start in range(first, first + n, batch):
+            items = range(start, min(first + n, start + batch))
             if kind in ("images", "qa", "reasoned"):
                 drawn = []
                 for i in items:

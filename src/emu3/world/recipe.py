@@ -4,11 +4,13 @@
 2. a byte-level BPE trained on the world's captions, questions and stories;
 3. token shards: captioned images, QA, videos and stories (emu3.world.build);
 4. `train demo`: the language model on their mixture (weights below), then LATER_PARTS (`demo-2` for
-   parts 2 and 3, `demo-4`, whose QA answers weigh 8, for part 4, `demo-5` for part 5) up to DEMO_PARTS:
+   parts 2 and 3, `demo-4`, whose QA answers weigh 8, for part 4, `demo-5` for part 5, `demo-6` for part 6)
+   up to DEMO_PARTS:
    the same mixture again from the previous part's weights with a fresh warm-up and cosine (added when
    part 1's 2,400 steps proved too few, and kept while each part still gains); from part 5 on, the QA
    share is the `reasoned` dataset (built then): the same questions, answered by first naming the
    scene's objects from left to right ("red circle: one, blue square: one, green circle: two, so two");
+   part 6 adds 16,000 clips (built then) and weighs videos 0.25 instead of 0.12 (MIX_VIDEO);
 5. export (16-bit floats), `emu3_defaults.json`, `RECIPE.json` (every setting and seed), evaluation.
 
 Every stage leaves its output under OUT and is skipped when it is already there, so a stopped run
@@ -26,14 +28,20 @@ import numpy as np
 import torch
 
 MIX = {"images": 0.55, "qa": 0.25, "videos": 0.12, "stories": 0.08}
-COUNTS = {"images": 100_000, "qa": 50_000, "videos": 8000, "stories": 6000, "reasoned": 50_000}
+COUNTS = {"images": 100_000, "qa": 50_000, "videos": 8000, "stories": 6000, "reasoned": 50_000,
+          "more_videos": 16_000}
 # from part 5 (`demo-5`) on: the QA share answers with reasons (emu3.world.scenes.questions, reasons=True)
 MIX_REASONED = {("reasoned" if k == "qa" else k): w for k, w in MIX.items()}
+# part 6 (`demo-6`): clips 8,000-23,999 join the first 8,000 (data/more/videos) and the video share grows
+MIX_VIDEO = {"images": 0.45, "reasoned": 0.22, "videos": 0.08, "more/videos": 0.17, "stories": 0.08}
 BPE_SIZE = 768
-DEMO_PARTS = 5  # language-model parts: `demo`, then LATER_PARTS, each from the previous part's weights
-LATER_PARTS = ("demo-2", "demo-2", "demo-4", "demo-5")  # presets of parts 2-5; parts past these repeat the last
+DEMO_PARTS = 6  # language-model parts: `demo`, then LATER_PARTS, each from the previous part's weights
+LATER_PARTS = ("demo-2", "demo-2", "demo-4", "demo-5", "demo-6")  # parts 2-6; parts past these repeat the last
+# video_top_k 1: part 6 extends videos greedily, 0.50 / 0.53 of objects placed on two clip sets where top-k 16 has
+# 0.44 / 0.48 (README, "The built-in model")
 DEFAULTS = {"positive_suffix": "", "negative_prompt": "", "cfg_scale": 3.0, "image_top_k": 16,
-            "image_temperature": 1.0, "text_temperature": 0.0, "max_new_tokens": 48, "video_fps": 8.0}
+            "image_temperature": 1.0, "text_temperature": 0.0, "max_new_tokens": 48, "video_fps": 8.0,
+            "video_top_k": 1}
 
 
 def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = None, counts: dict | None = None,
@@ -52,6 +60,8 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
     counts = counts or COUNTS
     if parts >= 5 and not counts.get("reasoned"):
         raise InputError("parts 5 and later train on the reasoned QA dataset: counts needs a 'reasoned' entry")
+    if parts >= 6 and not counts.get("more_videos"):
+        raise InputError("part 6 trains on more video clips: counts needs a 'more_videos' entry")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stage, times = _stages(out, log)
@@ -66,10 +76,10 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
           lambda: TextTokenizer.train(corpus(seed), BPE_SIZE, 1024, min_frequency=2).save_pretrained(out / "text"))
     vision = VisionTokenizer.from_pretrained(out / "vq" / "tokenizer", frame_batch=64)
     text = TextTokenizer.from_pretrained(out / "text")
-    first = {k: n for k, n in counts.items() if k != "reasoned"}  # reasoned: a later stage, for part 5
+    first = {k: n for k, n in counts.items() if k not in ("reasoned", "more_videos")}  # later stages' data
     stage("datasets", lambda: all((out / "data" / k / "index.json").exists() for k in first),
           lambda: build(out / "data", vision, text, first, seed, progress=progress))
-    data = ",".join(f"{out / 'data' / k}:{w}" for k, w in MIX.items() if counts.get(k))
+    data = _data(out, MIX, counts)
     overrides = {"data": data, "text_tokenizer": str(out / "text"), "out": str(out / "lm"), "seed": seed}
     if lm_steps:
         overrides.update(_shortened(make_config("demo", {}), lm_steps))
@@ -87,11 +97,17 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
         run = out / f"lm{k}"
         over = {**overrides, "out": str(run), "model": str(start), "seed": seed + k - 1}
         preset = LATER_PARTS[min(k - 2, len(LATER_PARTS) - 1)]
-        if k >= 5:  # the QA share answered with reasons: a stage of its own, so builds made before it resume
+        if k == 5:  # the QA share answered with reasons: a stage of its own, so builds made before it resume
             stage("reasoned QA dataset", lambda: (out / "data" / "reasoned" / "index.json").exists(),
                   lambda: build(out / "data", vision, text, {"reasoned": counts["reasoned"]}, seed, progress=progress))
-            over["data"] = ",".join(f"{out / 'data' / name}:{w}" for name, w in MIX_REASONED.items()
-                                     if counts.get(name))
+        if k >= 5:
+            over["data"] = _data(out, MIX_REASONED, counts)
+        if k == 6:  # clips the first datasets did not draw: records videos .. videos + more_videos - 1
+            stage("more video clips", lambda: (out / "data" / "more" / "videos" / "index.json").exists(),
+                  lambda: build(out / "data" / "more", vision, text, {"videos": counts["more_videos"]}, seed,
+                                progress=progress, first=counts["videos"]))
+        if k >= 6:
+            over["data"] = _data(out, MIX_VIDEO, counts)
         if lm_steps:
             over.update(_shortened(make_config(preset, {}), lm_steps))
         cfg_k = make_config(preset, over)
@@ -101,8 +117,10 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
         parts_cfg[f"lm_part{k}"] = _json(run / "config.json")
         step_minutes[f"language model, part {k}"] = _step_minutes(run)
     recipe = {"seed": seed, "vq": _json(out / "vq" / "config.json"), "bpe_size": BPE_SIZE,
-              "dataset_counts": counts if parts >= 5 else first, "mix": MIX,
-              **({"mix_from_part5": MIX_REASONED} if parts >= 5 else {}), "lm": _json(out / "lm" / "config.json"),
+              "dataset_counts": {k: n for k, n in counts.items()
+                                 if k in first or (k == "reasoned" and parts >= 5) or parts >= 6}, "mix": MIX,
+              **({"mix_from_part5": MIX_REASONED} if parts >= 5 else {}),
+              **({"mix_from_part6": MIX_VIDEO} if parts >= 6 else {}), "lm": _json(out / "lm" / "config.json"),
               **parts_cfg,
               "stage_minutes": {k: round(v / 60, 1) for k, v in times.items()}, "step_minutes": step_minutes,
               "torch": torch.__version__,
@@ -112,6 +130,12 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
     final = package(out, out / "emu3-demo", recipe, lm=run.name)
     log(f"wrote {final}")
     return final
+
+
+def _data(out: Path, mix: dict, counts: dict) -> str:
+    """The `data` setting of a mixture: dataset folders under OUT/data with their weights, leaving out
+    those with no records (counts' key of folder more/videos is more_videos)."""
+    return ",".join(f"{out / 'data' / name}:{w}" for name, w in mix.items() if counts.get(name.replace("/", "_")))
 
 
 def _stages(out: Path, log):
