@@ -166,7 +166,8 @@ def world_model(tmp_path_factory):
     model.init_weights(torch.Generator().manual_seed(0))
     save_model(model, folder, tokenizer=text, vq=vision.model, extra_files={
         "vision_tokenizer": {"preprocessor_config.json": vision.processor.to_dict()},
-        "emu3_defaults.json": {"positive_suffix": "", "negative_prompt": "", "image_top_k": 16}})
+        "emu3_defaults.json": {"positive_suffix": "", "negative_prompt": "", "image_top_k": 16,
+                               "max_new_tokens": 48}})
     return folder
 
 

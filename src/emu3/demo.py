@@ -89,7 +89,7 @@ def build_report(emu, out: str, seed: int = 50_000, eval_sizes: dict | None = No
     for _ in range(8):
         scene = sample_scene(rng)
         (q, a), = questions(scene, rng, 1)
-        answer = emu.chat(render(scene), q, max_new_tokens=48)
+        answer = emu.chat(render(scene), q)  # the model's max_new_tokens: room to reason
         qa.append(_figure(_png(render(scene)), f"{q}? -> {answer} (truth: {a})", bench.final_answer(answer) == a))
     parts.append('<section><h2>Questions about held-out images</h2><div class="grid">' + "".join(qa) +
                  "</div></section>")

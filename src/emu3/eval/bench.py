@@ -115,9 +115,10 @@ def final_answer(text: str) -> str:
     return text.rsplit(", so ", 1)[-1].strip().strip(".").lower()
 
 
-def eval_understanding(emu, n: int = 200, seed: int = 20_000, max_new_tokens: int = 48) -> dict:
+def eval_understanding(emu, n: int = 200, seed: int = 20_000, max_new_tokens: int | None = None) -> dict:
     """Exact-match accuracy of the final answer (`final_answer`), overall and per question kind (count,
-    color, existence, relation, side)."""
+    color, existence, relation, side). max_new_tokens: the model folder's default unless given (the
+    built-in model's leaves room to reason)."""
     rng = np.random.default_rng(seed)
     right = {k: [] for k in QUESTION_KINDS}
     for _ in range(n):

@@ -187,13 +187,16 @@ def questions(scene: Scene, rng: np.random.Generator, k: int = 1, reasons: bool 
     kinds = {s.kind for s in scene.shapes}
     scan = sorted(scene.shapes, key=lambda s: s.x)
 
-    def until(hit) -> str:  # objects from the left up to the first hit, or all of them
+    def until(hit) -> str | None:  # objects from the left up to the first hit, or all of them
+        if not reasons:
+            return None
         upto = next((i + 1 for i, s in enumerate(scan) if hit(s)), len(scan))
         return ", ".join(s.phrase() for s in scan[:upto])
 
     for kind in SHAPES:
         tally = np.cumsum([s.kind == kind for s in scan])
-        why = ", ".join(f"{s.phrase()}: {NUMBERS.get(int(n), 'zero')}" for s, n in zip(scan, tally))
+        why = ", ".join(f"{s.phrase()}: {NUMBERS.get(int(n), 'zero')}" for s, n in zip(scan, tally)) if reasons \
+            else None
         n = int(tally[-1]) if len(scan) else 0  # an empty scene: zero, answered in one word
         pool.append((f"how many {plural(kind, 2)} are there", NUMBERS.get(n, "zero"), why))
     for kind in kinds:
@@ -221,4 +224,4 @@ def questions(scene: Scene, rng: np.random.Generator, k: int = 1, reasons: bool 
         if abs(a.x - SIZE / 2) > 6:
             pool.append((f"is the {a.phrase()} on the left or on the right", side, None))
     picks = rng.choice(len(pool), size=min(k, len(pool)), replace=False)
-    return [(q, f"{why}, so {a}" if reasons and why else a) for q, a, why in (pool[int(i)] for i in picks)]
+    return [(q, f"{why}, so {a}" if why else a) for q, a, why in (pool[int(i)] for i in picks)]
