@@ -312,6 +312,7 @@ def test_build_demo_end_to_end_and_resumable(tmp_path):
     assert "/data/reasoned:" in part5 and "/data/qa:" not in part5 and recipe["mix_from_part5"]["reasoned"] == 0.25
     part6 = recipe["lm_part6"]
     assert "/data/more/videos:" in " ".join(part6["data"]) and part6["extension_context"] == "random"
+    assert recipe["mix_from_part6"]["more/videos"] == 0.17 and "mix_from_part4" not in recipe
     from emu3.data.shards import TokenDataset
     from emu3.tokenizer import TextTokenizer
     from emu3.world.build import rng_for

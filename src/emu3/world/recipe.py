@@ -3,14 +3,14 @@
 1. `train-vq demo`: the vision tokenizer, on world images and 16-frame clips;
 2. a byte-level BPE trained on the world's captions, questions and stories;
 3. token shards: captioned images, QA, videos and stories (emu3.world.build);
-4. `train demo`: the language model on their mixture (weights below), then LATER_PARTS (`demo-2` for
-   parts 2 and 3, `demo-4`, whose QA answers weigh 8, for part 4, `demo-5` for part 5, `demo-6` for part 6)
-   up to DEMO_PARTS:
-   the same mixture again from the previous part's weights with a fresh warm-up and cosine (added when
-   part 1's 2,400 steps proved too few, and kept while each part still gains); from part 5 on, the QA
-   share is the `reasoned` dataset (built then): the same questions, answered by first naming the
-   scene's objects from left to right ("red circle: one, blue square: one, green circle: two, so two");
-   part 6 adds 16,000 clips (built then) and weighs videos 0.25 instead of 0.12 (MIX_VIDEO);
+4. the language model in parts (PARTS: one row per part, its training stage and mixture), each from
+   the previous part's weights with a fresh warm-up and cosine (added when part 1's 2,400 steps proved
+   too few, and kept while each part gained; a seventh with videos weighing 0.37 did not: README).
+   Parts 2 and 3 repeat part 1's mixture (`demo-2`); part 4's QA answers weigh 8 (`demo-4`); from part 5
+   on, the QA share is the `reasoned` dataset (built then): the same questions, answered by first naming
+   the scene's objects from left to right ("red circle: one, blue square: one, green circle: two, so
+   two"); part 6 adds 16,000 clips (built then), weighs videos 0.25 instead of 0.12 and extends clips
+   from 1-3 latent frames (`demo-6`).
 5. export (16-bit floats), `emu3_defaults.json`, `RECIPE.json` (every setting and seed), evaluation.
 
 Every stage leaves its output under OUT and is skipped when it is already there, so a stopped run
@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,21 @@ MIX_REASONED = {("reasoned" if k == "qa" else k): w for k, w in MIX.items()}
 # part 6 (`demo-6`): clips 8,000-23,999 join the first 8,000 (data/more/videos) and the video share grows
 MIX_VIDEO = {"images": 0.45, "reasoned": 0.22, "videos": 0.08, "more/videos": 0.17, "stories": 0.08}
 BPE_SIZE = 768
-DEMO_PARTS = 6  # language-model parts: `demo`, then LATER_PARTS, each from the previous part's weights
-LATER_PARTS = ("demo-2", "demo-2", "demo-4", "demo-5", "demo-6")  # parts 2-6; parts past these repeat the last
+
+
+@dataclass(frozen=True)
+class Part:
+    """One language-model part: its training stage, its mixture, and the dataset (a COUNTS key) that a
+    stage of its own builds just before it, if any."""
+
+    preset: str
+    mix: dict
+    adds: str | None = None
+
+
+PARTS = (Part("demo", MIX), Part("demo-2", MIX), Part("demo-2", MIX), Part("demo-4", MIX),
+         Part("demo-5", MIX_REASONED, adds="reasoned"), Part("demo-6", MIX_VIDEO, adds="more_videos"))
+DEMO_PARTS = len(PARTS)  # `emu3 build-demo --parts N`: parts past these repeat the last row
 # video_top_k 1: part 6 extends videos greedily, 0.50 / 0.53 of objects placed on two clip sets where top-k 16 has
 # 0.44 / 0.48 (README, "The built-in model")
 DEFAULTS = {"positive_suffix": "", "negative_prompt": "", "cfg_scale": 3.0, "image_top_k": 16,
@@ -58,10 +72,10 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
     if parts < 1:
         raise InputError(f"--parts must be at least 1 (part 1 is the `demo` stage); got {parts}")
     counts = counts or COUNTS
-    if parts >= 5 and not counts.get("reasoned"):
-        raise InputError("parts 5 and later train on the reasoned QA dataset: counts needs a 'reasoned' entry")
-    if parts >= 6 and not counts.get("more_videos"):
-        raise InputError("part 6 trains on more video clips: counts needs a 'more_videos' entry")
+    plan = [PARTS[min(k, len(PARTS) - 1)] for k in range(parts)]  # plan[k - 1]: part k
+    for k, part in enumerate(plan, 1):
+        if part.adds and not counts.get(part.adds):
+            raise InputError(f"part {k} trains on the {ADDED[part.adds][1]}: counts needs a {part.adds!r} entry")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stage, times = _stages(out, log)
@@ -76,51 +90,45 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
           lambda: TextTokenizer.train(corpus(seed), BPE_SIZE, 1024, min_frequency=2).save_pretrained(out / "text"))
     vision = VisionTokenizer.from_pretrained(out / "vq" / "tokenizer", frame_batch=64)
     text = TextTokenizer.from_pretrained(out / "text")
-    first = {k: n for k, n in counts.items() if k not in ("reasoned", "more_videos")}  # later stages' data
+    first = {k: n for k, n in counts.items() if k not in ADDED}  # later stages' data
     stage("datasets", lambda: all((out / "data" / k / "index.json").exists() for k in first),
           lambda: build(out / "data", vision, text, first, seed, progress=progress))
-    data = _data(out, MIX, counts)
-    overrides = {"data": data, "text_tokenizer": str(out / "text"), "out": str(out / "lm"), "seed": seed}
+    overrides = {"data": _data(out, plan[0].mix, counts), "text_tokenizer": str(out / "text"), "out": str(out / "lm"),
+                 "seed": seed}
     if lm_steps:
-        overrides.update(_shortened(make_config("demo", {}), lm_steps))
-    lm_cfg = make_config("demo", overrides)
+        overrides.update(_shortened(make_config(plan[0].preset, {}), lm_steps))
+    lm_cfg = make_config(plan[0].preset, overrides)
     stage("language model", lambda: (out / "lm" / f"ckpt-{lm_cfg.steps:08d}" / "COMMITTED").exists(),
           lambda: train(lm_cfg, progress))
-    # parts 2..N: the same mixture again from the previous part's weights, each with a fresh warm-up
-    # and cosine (stage and folder names as part 2 first had them, so that older builds resume)
+    # parts 2..N, each from the previous part's weights with a fresh warm-up and cosine (stage and folder
+    # names as part 2 first had them, so that older builds resume)
     run, step_minutes, parts_cfg = out / "lm", {"vision tokenizer": _step_minutes(out / "vq"),
                                                 "language model": _step_minutes(out / "lm")}, {}
-    for k in range(2, parts + 1):
+    for k, part in enumerate(plan[1:], 2):
         prev, start = run, out / f"lm-part{k - 1}"
         stage("language model export" + (f", part {k - 1}" if k > 2 else ""),
               lambda start=start: (start / "config.json").exists(), lambda prev=prev, start=start: export(prev, start))
+        if part.adds:
+            folder, name = ADDED[part.adds]
+            stage(name, lambda folder=folder: (out / "data" / folder / "index.json").exists(),
+                  lambda add=part.adds: _build_added(out, vision, text, add, counts, seed, progress))
         run = out / f"lm{k}"
-        over = {**overrides, "out": str(run), "model": str(start), "seed": seed + k - 1}
-        preset = LATER_PARTS[min(k - 2, len(LATER_PARTS) - 1)]
-        if k == 5:  # the QA share answered with reasons: a stage of its own, so builds made before it resume
-            stage("reasoned QA dataset", lambda: (out / "data" / "reasoned" / "index.json").exists(),
-                  lambda: build(out / "data", vision, text, {"reasoned": counts["reasoned"]}, seed, progress=progress))
-        if k >= 5:
-            over["data"] = _data(out, MIX_REASONED, counts)
-        if k == 6:  # clips the first datasets did not draw: records videos .. videos + more_videos - 1
-            stage("more video clips", lambda: (out / "data" / "more" / "videos" / "index.json").exists(),
-                  lambda: build(out / "data" / "more", vision, text, {"videos": counts["more_videos"]}, seed,
-                                progress=progress, first=counts["videos"]))
-        if k >= 6:
-            over["data"] = _data(out, MIX_VIDEO, counts)
+        over = {**overrides, "data": _data(out, part.mix, counts), "out": str(run), "model": str(start),
+                "seed": seed + k - 1}
         if lm_steps:
-            over.update(_shortened(make_config(preset, {}), lm_steps))
-        cfg_k = make_config(preset, over)
+            over.update(_shortened(make_config(part.preset, {}), lm_steps))
+        cfg_k = make_config(part.preset, over)
         stage(f"language model, part {k}",
               lambda run=run, n=cfg_k.steps: (run / f"ckpt-{n:08d}" / "COMMITTED").exists(),
               lambda cfg_k=cfg_k: train(cfg_k, progress))
         parts_cfg[f"lm_part{k}"] = _json(run / "config.json")
         step_minutes[f"language model, part {k}"] = _step_minutes(run)
+    # the mixtures: part 1's, then each part's where it changes
+    mixes = {"mix": plan[0].mix, **{f"mix_from_part{k}": p.mix for k, p in enumerate(plan, 1)
+                                    if k > 1 and p.mix != plan[k - 2].mix}}
     recipe = {"seed": seed, "vq": _json(out / "vq" / "config.json"), "bpe_size": BPE_SIZE,
-              "dataset_counts": {k: n for k, n in counts.items()
-                                 if k in first or (k == "reasoned" and parts >= 5) or parts >= 6}, "mix": MIX,
-              **({"mix_from_part5": MIX_REASONED} if parts >= 5 else {}),
-              **({"mix_from_part6": MIX_VIDEO} if parts >= 6 else {}), "lm": _json(out / "lm" / "config.json"),
+              "dataset_counts": {k: n for k, n in counts.items() if k in first or any(p.adds == k for p in plan)},
+              **mixes, "lm": _json(out / "lm" / "config.json"),
               **parts_cfg,
               "stage_minutes": {k: round(v / 60, 1) for k, v in times.items()}, "step_minutes": step_minutes,
               "torch": torch.__version__,
@@ -136,6 +144,22 @@ def _data(out: Path, mix: dict, counts: dict) -> str:
     """The `data` setting of a mixture: dataset folders under OUT/data with their weights, leaving out
     those with no records (counts' key of folder more/videos is more_videos)."""
     return ",".join(f"{out / 'data' / name}:{w}" for name, w in mix.items() if counts.get(name.replace("/", "_")))
+
+
+# the datasets a later part adds: COUNTS key -> (folder under OUT/data, the stage's name)
+ADDED = {"reasoned": ("reasoned", "reasoned QA dataset"), "more_videos": ("more/videos", "more video clips")}
+
+
+def _build_added(out: Path, vision, text, key: str, counts: dict, seed: int, progress: bool) -> None:
+    """The dataset a later part adds: the QA answered with reasons, or clips the first datasets did not
+    draw (records videos .. videos + more_videos - 1 of the same seeded stream)."""
+    from .build import build
+
+    if key == "reasoned":
+        build(out / "data", vision, text, {"reasoned": counts["reasoned"]}, seed, progress=progress)
+    else:
+        build(out / "data" / "more", vision, text, {"videos": counts["more_videos"]}, seed, progress=progress,
+              first=counts["videos"])
 
 
 def _stages(out: Path, log):
