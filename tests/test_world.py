@@ -95,8 +95,8 @@ def test_video_scoring_on_true_and_still_frames():
     for _ in range(6):
         clip = sample_clip(rng)
         frames = clip.render()
-        truth += bench._placed(clip, frames, 4.0)
-        still += bench._placed(clip, bench.held_still(frames), 4.0)
+        truth += bench._placement(clip, frames, 4.0)[:, 0].tolist()
+        still += bench._placement(clip, bench.held_still(frames), 4.0)[:, 0].tolist()
         # any kind: a shape that the detector reads as another kind still counts (and never fewer)
         blurred = frames.copy()
         blurred[4:] = [np.asarray(Image.fromarray(f).filter(ImageFilter.BoxBlur(3))) for f in frames[4:]]

@@ -168,10 +168,11 @@ def eval_video(emu, n: int = 24, seed: int = 30_000, tolerance: float = 4.0) -> 
         with torch.no_grad():
             rt = emu.vision.decode_video(emu.vision.encode_video(frames, "causal"), "causal")
         ceiling.append(_placement(clip, rt, tolerance))
-        still += _placed(clip, held_still(frames), tolerance)
+        still.append(_placement(clip, held_still(frames), tolerance)[:, 0])
     hits, ceiling = np.concatenate(hits), np.concatenate(ceiling)  # (objects, 2): kind and colour / colour
+    still = np.concatenate(still)  # (objects,): kind and colour
     return {"within_tolerance": float(hits[:, 0].mean()), "tokenizer_ceiling": float(ceiling[:, 0].mean()),
-            "held_still": float(np.mean(still)), "within_tolerance_any_kind": float(hits[:, 1].mean()),
+            "held_still": float(still.mean()), "within_tolerance_any_kind": float(hits[:, 1].mean()),
             "tokenizer_ceiling_any_kind": float(ceiling[:, 1].mean()), "objects": len(hits),
             "tolerance_px": tolerance}
 
@@ -191,12 +192,6 @@ def _placement(clip, pixels, tolerance: float) -> np.ndarray:
             near = [d for d in found if d.color == shape.color and math.hypot(d.x - x, d.y - y) <= tolerance]
             out.append((any(d.kind == shape.kind for d in near), bool(near)))
     return np.array(out, dtype=bool).reshape(-1, 2)
-
-
-def _placed(clip, pixels, tolerance: float) -> list[bool]:
-    """For every object in frames 4.. of `pixels`: is one of its colour and kind within tolerance px of
-    its true position?"""
-    return _placement(clip, pixels, tolerance)[:, 0].tolist()
 
 
 def eval_inpainting(emu, n: int = 64, seed: int = 50_000, rings: int = 2) -> dict:

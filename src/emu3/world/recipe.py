@@ -142,8 +142,9 @@ def build_demo(out: str, vq_steps: int | None = None, lm_steps: int | None = Non
 
 def _data(out: Path, mix: dict, counts: dict) -> str:
     """The `data` setting of a mixture: dataset folders under OUT/data with their weights, leaving out
-    those with no records (counts' key of folder more/videos is more_videos)."""
-    return ",".join(f"{out / 'data' / name}:{w}" for name, w in mix.items() if counts.get(name.replace("/", "_")))
+    those with no records (a folder's counts key is its own name, or its ADDED key)."""
+    key = {folder: k for k, (folder, _) in ADDED.items()}
+    return ",".join(f"{out / 'data' / name}:{w}" for name, w in mix.items() if counts.get(key.get(name, name)))
 
 
 # the datasets a later part adds: COUNTS key -> (folder under OUT/data, the stage's name)
