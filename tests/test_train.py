@@ -262,3 +262,29 @@ def test_two_processes_equal_one_on_the_same_global_batch(token_dataset, dataset
     ids = torch.randint(0, 300, (1, 9))
     torch.testing.assert_close(load_model(tmp_path / "m2")(ids), load_model(tmp_path / "m1")(ids), rtol=1e-4,
                                atol=1e-4)
+
+
+def test_compiled_layers_track_eager(token_dataset, dataset_inputs, tmp_path):
+    """compile=on (each decoder layer through torch.compile) against its eager twin: same losses to float
+    rounding, and a checkpoint with the same names that resumes in eager mode."""
+    for c in (False, True):
+        train(run_config(token_dataset, dataset_inputs, tmp_path / str(c), steps=4, bf16="off", compile=c),
+              progress=False)
+    np.testing.assert_allclose(losses(tmp_path / "True"), losses(tmp_path / "False"), rtol=1e-4)
+    for c in (False, True):
+        export(tmp_path / str(c), tmp_path / f"m{c}")
+    a, b = (load_model(tmp_path / f"m{c}", dtype=torch.float32).state_dict() for c in (False, True))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=2e-4)  # Adam: ulps of gradient move weights
+    train(run_config(token_dataset, dataset_inputs, tmp_path / "True", steps=6, bf16="off"), progress=False)
+    assert len(losses(tmp_path / "True")) == 6
+
+
+def test_compile_without_a_compiler_is_a_clear_error(monkeypatch):
+    from emu3.model import Emu3LM, model_config
+    from emu3.train.parallelize import parallelize
+
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(InputError, match="needs a C[+][+] compiler"):
+        parallelize(Emu3LM(model_config("tiny")), "none", torch.device("cpu"), compile=True)

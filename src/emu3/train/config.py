@@ -65,6 +65,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     bf16: str = "auto"  # autocast; auto: CUDA with bf16, or a CPU with native bf16 (trainer.use_bf16); on / off
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder layer (parallelize); same weights, same checkpoints
     # DPO (data: one dataset with preference records)
     dpo: bool = False
     dpo_beta: float = 0.5

@@ -178,7 +178,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     tok = text_tokenizer(cfg)
     model = build_model(cfg, tok).to(env.device)
     mode = cfg.parallel if cfg.parallel != "auto" else ("fsdp" if env.world > 1 else "none")
-    module = parallelize(model, mode, env.device, cfg.activation_checkpointing)
+    module = parallelize(model, mode, env.device, cfg.activation_checkpointing, cfg.compile)
     optimizer = optimizer_for(module, cfg)
     sources = []
     for item in cfg.data:
