@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -264,6 +265,8 @@ def test_two_processes_equal_one_on_the_same_global_batch(token_dataset, dataset
                                atol=1e-4)
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile on a CPU needs a C++ compiler")
 def test_compiled_layers_track_eager(token_dataset, dataset_inputs, tmp_path):
     """compile=on (each decoder layer through torch.compile) against its eager twin: same losses to float
     rounding, and a checkpoint with the same names that resumes in eager mode."""
