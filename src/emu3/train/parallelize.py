@@ -3,7 +3,7 @@
 Order, as in torchtitan: activation checkpointing first (per decoder layer), then `torch.compile` of
 each decoder layer, then FSDP2 (each decoder layer its own shard group, then the root: embeddings, final
 norm, output head) or DDP. Compiling per layer (`nn.Module.compile`, in place) keeps the parameter names,
-so checkpoints are the same with or without it, and the eight identical layers share one compiled graph.
+so checkpoints are the same with or without it, and the identical layers share one compiled graph.
 """
 
 from __future__ import annotations
