@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from emu3.errors import InputError
 from emu3.train import state
 from emu3.train.config import STAGES, TrainConfig, make_config
 from emu3.train.loss import dpo_loss, sequence_logprobs
+from emu3.train.parallelize import has_cxx_compiler
 from emu3.train.trainer import NonFiniteError, export, lr_at, train
 
 
@@ -265,14 +265,18 @@ def test_two_processes_equal_one_on_the_same_global_batch(token_dataset, dataset
                                atol=1e-4)
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-                    reason="torch.compile on a CPU needs a C++ compiler")
+@pytest.mark.skipif(not has_cxx_compiler(), reason="torch.compile on a CPU needs a C++ compiler")
 def test_compiled_layers_track_eager(token_dataset, dataset_inputs, tmp_path):
     """compile=on (each decoder layer through torch.compile) against its eager twin: same losses to float
     rounding, and a checkpoint with the same names that resumes in eager mode."""
+    import torch._dynamo
+
     for c in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
         train(run_config(token_dataset, dataset_inputs, tmp_path / str(c), steps=4, bf16="off", compile=c),
               progress=False)
+        assert bool(torch._dynamo.utils.counters["stats"]["unique_graphs"]) is c  # compiled only when asked
     np.testing.assert_allclose(losses(tmp_path / "True"), losses(tmp_path / "False"), rtol=1e-4)
     for c in (False, True):
         export(tmp_path / str(c), tmp_path / f"m{c}")

@@ -18,7 +18,6 @@ import torch
 
 from emu3.assets import builtin_model
 from emu3.eval.bench import _placement
-from emu3.generate import Request
 from emu3.pipeline import Emu3
 from emu3.world.motion import describe, sample_clip
 
@@ -45,10 +44,10 @@ def main(folder: str | None = None, samples: int = 6, top_k: int = 16, clips: in
         context = emu.vision.encode_video(frames[:4], "causal").numpy()
         reqs = [emu.video_request(caption, 4, context, seed=seed + i + 1000 * s, top_k=top_k) for s in range(samples)]
         placed, cond, guided = [], [], []
-        for req, (res, _) in zip(reqs, emu._run(reqs, samples, False)):
+        for req, res in zip(reqs, emu.engine.generate(reqs)):
             placed.append(_placement(clip, emu.video_result(req, res.tokens)[1], 4.0)[:, 0].mean())
             c = log_likelihood(emu, req.prompt, res.tokens)
-            u = log_likelihood(emu, Request(req.negative, req.template).prompt, res.tokens)
+            u = log_likelihood(emu, req.negative, res.tokens)  # the unconditional prompt CFG mixes in
             cond.append(c)
             guided.append(u + scale * (c - u))
         weights.append(len(greedy))

@@ -23,8 +23,7 @@ def parallelize(model: Emu3LM, mode: str, device: torch.device, activation_check
     """mode: "none", "ddp" or "fsdp" (FSDP2 `fully_shard`). Returns the module to call for training."""
     model.gradient_checkpointing = activation_checkpointing
     if compile:
-        compilers = (os.environ.get("CXX"), "g++", "c++", "clang++")
-        if device.type == "cpu" and not any(shutil.which(c) for c in compilers if c):
+        if device.type == "cpu" and not has_cxx_compiler():
             raise InputError("compile=on on a CPU needs a C++ compiler (inductor builds C++ kernels) and none of "
                              "$CXX, g++, c++, clang++ was found: install one, or train with compile=off")
         for layer in model.model.layers:
@@ -42,3 +41,7 @@ def parallelize(model: Emu3LM, mode: str, device: torch.device, activation_check
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model
 
+
+def has_cxx_compiler() -> bool:
+    """Whether inductor can build its CPU kernels: $CXX or a usual C++ compiler on the PATH."""
+    return any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c)

@@ -48,6 +48,8 @@ class Part:
     adds: str | None = None
 
 
+# the datasets a later part adds: COUNTS key -> (folder under OUT/data, the stage's name)
+ADDED = {"reasoned": ("reasoned", "reasoned QA dataset"), "more_videos": ("more/videos", "more video clips")}
 PARTS = (Part("demo", MIX), Part("demo-2", MIX), Part("demo-2", MIX), Part("demo-4", MIX),
          Part("demo-5", MIX_REASONED, adds="reasoned"), Part("demo-6", MIX_VIDEO, adds="more_videos"))
 DEMO_PARTS = len(PARTS)  # `emu3 build-demo --parts N`: parts past these repeat the last row
@@ -145,10 +147,6 @@ def _data(out: Path, mix: dict, counts: dict) -> str:
     those with no records (a folder's counts key is its own name, or its ADDED key)."""
     key = {folder: k for k, (folder, _) in ADDED.items()}
     return ",".join(f"{out / 'data' / name}:{w}" for name, w in mix.items() if counts.get(key.get(name, name)))
-
-
-# the datasets a later part adds: COUNTS key -> (folder under OUT/data, the stage's name)
-ADDED = {"reasoned": ("reasoned", "reasoned QA dataset"), "more_videos": ("more/videos", "more video clips")}
 
 
 def _build_added(out: Path, vision, text, key: str, counts: dict, seed: int, progress: bool) -> None:
