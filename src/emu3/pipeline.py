@@ -301,7 +301,8 @@ class Emu3:
         if (order or self.defaults.order) != "spiral":
             got = f"asked for {order!r}" if order else f"this model was trained in {self.defaults.order!r} order"
             raise InputError(f"inpainting keeps the border and writes the inside, which needs the spiral-in token "
-                             f"order; {got} (train one with order=spiral, or pass order='spiral' to try anyway)")
+                             f"order; {got} (train one with order=spiral, or pass --order spiral, order='spiral' "
+                             "in Python, to try anyway)")
         order = "spiral"
         vision = self._need_vision()
         codes = vision.encode_image(image).numpy()
