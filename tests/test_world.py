@@ -233,6 +233,12 @@ def test_inpainting_is_evaluated_for_a_spiral_model(tmp_path, world_model, capsy
     r = bench.evaluate(Emu3.from_pretrained(spiral), generation=0, understanding=0, video=0, tokenizer=0,
                        inpainting=2)
     assert set(r) == {"inpainting"} and 0 <= r["inpainting"]["accuracy"] <= 1 and r["inpainting"]["rings"] == 2
+    # the demo page shows a spiral model's inpainting: original, kept border, the model's inside, its verdict
+    from emu3.demo import inpainting_section
+
+    section = inpainting_section(Emu3.from_pretrained(spiral), np.random.default_rng(0), seed=0, scenes=2)
+    assert section.count("kept: the outer 2 rings of codes") == 2 and section.count("<img") == 6
+    assert section.count('class="ok"') + section.count('class="no"') == 2
 
 
 def test_eval_and_demo_commands(tmp_path, world_model, capsys):
@@ -250,7 +256,8 @@ def test_eval_and_demo_commands(tmp_path, world_model, capsys):
                  "--tokenizer-images", "0", "--cfg", "-1"]) == 2
     assert "cfg_scale must be a finite number >= 0, got -1.0" in capsys.readouterr().err
     assert main(["demo", "--model", str(world_model), "-o", str(tmp_path / "report")]) == 0
-    assert (tmp_path / "report" / "index.html").read_text().startswith("<!doctype html>")
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert page.startswith("<!doctype html>") and "<h2>Inpainting" not in page  # a raster model cannot keep a border
 
 
 def test_dataset_builder_writes_every_kind(tmp_path, small_tokenizer):

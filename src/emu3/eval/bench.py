@@ -203,24 +203,27 @@ def eval_inpainting(emu, n: int = 64, seed: int = 50_000, rings: int = 2) -> dic
     from ..world.scenes import inventory
 
     rng = np.random.default_rng(seed)
-    objects = lambda img: sorted((d.color, d.kind) for d in detect(img))  # noqa: E731
     ok, ceiling, border = [], [], []
     for i in range(n):
         scene = sample_scene(rng)
         image = render(scene)
-        text = inventory(scene)
-        g = emu.inpaint(image, text, rings, seed=seed + i)
-        want = sorted((s.color, s.kind) for s in scene.shapes)
-        ok.append(objects(g.pixels) == want)
+        g = emu.inpaint(image, inventory(scene), rings, seed=seed + i)
+        ok.append(same_objects(scene, g.pixels))
         with torch.no_grad():
             codes = emu.vision.encode_image(image)
-            ceiling.append(objects(emu.vision.decode_image(codes)) == want)
-        border.append(objects(_erased(image, codes.shape, rings)) == want)
+            ceiling.append(same_objects(scene, emu.vision.decode_image(codes)))
+        border.append(same_objects(scene, erased(image, codes.shape, rings)))
     return {"accuracy": float(np.mean(ok)), "tokenizer_ceiling": float(np.mean(ceiling)),
             "border_only": float(np.mean(border)), "scenes": n, "rings": rings}
 
 
-def _erased(image: np.ndarray, grid: tuple[int, int], rings: int) -> np.ndarray:
+def same_objects(scene, pixels: np.ndarray) -> bool:
+    """Inpainting's verdict: the detector finds exactly the scene's objects (colour and kind, with
+    multiplicity) in the picture."""
+    return sorted((d.color, d.kind) for d in detect(pixels)) == sorted((s.color, s.kind) for s in scene.shapes)
+
+
+def erased(image: np.ndarray, grid: tuple[int, int], rings: int) -> np.ndarray:
     """The image with everything inside the outer `rings` rings of its code grid painted plain grey (the
     border-only yardstick: objects wholly inside are lost, ones across the edge are cut)."""
     h, w = grid
