@@ -95,12 +95,12 @@ def test_video_scoring_on_true_and_still_frames():
     for _ in range(6):
         clip = sample_clip(rng)
         frames = clip.render()
-        truth += bench._placement(clip, frames, 4.0)[:, 0].tolist()
-        still += bench._placement(clip, bench.held_still(frames), 4.0)[:, 0].tolist()
+        truth += bench.placement(clip, frames, 4.0)[:, 0].tolist()
+        still += bench.placement(clip, bench.held_still(frames), 4.0)[:, 0].tolist()
         # any kind: a shape that the detector reads as another kind still counts (and never fewer)
         blurred = frames.copy()
         blurred[4:] = [np.asarray(Image.fromarray(f).filter(ImageFilter.BoxBlur(3))) for f in frames[4:]]
-        both = bench._placement(clip, blurred, 4.0)
+        both = bench.placement(clip, blurred, 4.0)
         assert both[:, 1][both[:, 0]].all()
         any_kind += both[:, 1].tolist()
         kind += both[:, 0].tolist()

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import torch
 
-from emu3.eval.bench import _placement
+from emu3.eval.bench import placement
 from emu3.media import to_pixels, to_uint8
 from emu3.vision import VisionTokenizer
 from emu3.world.motion import sample_clip
@@ -34,7 +34,7 @@ def main(folder: str, seed: int = 32_000, clips: int = 48) -> None:
             for name, lat in (("quantised", model.embed_codes(model.quantize(latents))), ("unquantised", latents)):
                 dz, dzq = model.decode_temporal(lat)  # (1, C, T, h, w) each
                 pixels = to_uint8(model.decode_frames(dz[0].transpose(0, 1), dzq[0].transpose(0, 1)))
-                placed[name].append(_placement(clip, pixels, 4.0))
+                placed[name].append(placement(clip, pixels, 4.0))
     print(f"{folder}: {clips} clips from seed {seed}, codebook {model.config.codebook_size}")
     for name, rows in placed.items():
         rows = np.concatenate(rows)  # (objects x frames, 2)

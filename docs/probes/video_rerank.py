@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from emu3.assets import builtin_model
-from emu3.eval.bench import _placement
+from emu3.eval.bench import placement
 from emu3.pipeline import Emu3
 from emu3.world.motion import describe, sample_clip
 
@@ -40,12 +40,12 @@ def main(folder: str | None = None, samples: int = 6, top_k: int = 16, clips: in
         clip = sample_clip(rng)
         frames = clip.render()
         caption = describe(clip)
-        greedy = _placement(clip, emu.extend_video(frames[:4], caption, new_frames=3, seed=seed + i).pixels, 4.0)
+        greedy = placement(clip, emu.extend_video(frames[:4], caption, new_frames=3, seed=seed + i).pixels, 4.0)
         context = emu.vision.encode_video(frames[:4], "causal").numpy()
         reqs = [emu.video_request(caption, 4, context, seed=seed + i + 1000 * s, top_k=top_k) for s in range(samples)]
         placed, cond, guided = [], [], []
         for req, res in zip(reqs, emu.engine.generate(reqs)):
-            placed.append(_placement(clip, emu.video_result(req, res.tokens)[1], 4.0)[:, 0].mean())
+            placed.append(placement(clip, emu.video_result(req, res.tokens)[1], 4.0)[:, 0].mean())
             c = log_likelihood(emu, req.prompt, res.tokens)
             u = log_likelihood(emu, req.negative, res.tokens)  # the unconditional prompt CFG mixes in
             cond.append(c)

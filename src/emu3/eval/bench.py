@@ -164,11 +164,11 @@ def eval_video(emu, n: int = 24, seed: int = 30_000, tolerance: float = 4.0) -> 
         clip = sample_clip(rng)
         frames = clip.render()
         g = emu.extend_video(frames[:4], describe(clip), new_frames=3, seed=seed + i)
-        hits.append(_placement(clip, g.pixels, tolerance))
+        hits.append(placement(clip, g.pixels, tolerance))
         with torch.no_grad():
             rt = emu.vision.decode_video(emu.vision.encode_video(frames, "causal"), "causal")
-        ceiling.append(_placement(clip, rt, tolerance))
-        still.append(_placement(clip, held_still(frames), tolerance)[:, 0])
+        ceiling.append(placement(clip, rt, tolerance))
+        still.append(placement(clip, held_still(frames), tolerance)[:, 0])
     hits, ceiling = np.concatenate(hits), np.concatenate(ceiling)  # (objects, 2): kind and colour / colour
     still = np.concatenate(still)  # (objects,): kind and colour
     return {"within_tolerance": float(hits[:, 0].mean()), "tokenizer_ceiling": float(ceiling[:, 0].mean()),
@@ -182,7 +182,7 @@ def held_still(frames: np.ndarray) -> np.ndarray:
     return np.concatenate([frames[:4], np.repeat(frames[3:4], len(frames) - 4, 0)])
 
 
-def _placement(clip, pixels, tolerance: float) -> np.ndarray:
+def placement(clip, pixels, tolerance: float) -> np.ndarray:
     """(objects, 2) bool for every object in frames 4.. of `pixels`: is one of its colour and kind within
     tolerance px of its true position; is one of its colour (any kind) there?"""
     out = []
