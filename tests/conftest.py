@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -16,6 +17,13 @@ from emu3.generate import Request, image_template
 from emu3.model import Emu3LM, model_config
 from emu3.vision import PRESET_PROCESSORS
 from emu3.vq import VisionVQ, VQConfig
+
+# One PyTorch thread in the test process and in every process a test starts (emu3.threads says why): the
+# tests' models are tiny, and beside other busy processes a second OpenMP thread made the suite many times
+# slower. Set EMU3_THREADS before running pytest to choose otherwise.
+os.environ.setdefault("EMU3_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", os.environ["EMU3_THREADS"])
+torch.set_num_threads(int(os.environ["EMU3_THREADS"]))
 
 
 def randomize(model: VisionVQ, seed: int = 0) -> VisionVQ:
@@ -40,6 +48,32 @@ def randomize(model: VisionVQ, seed: int = 0) -> VisionVQ:
         mean, std = lat.mean(dim=(0, 2, 3, 4)), lat.std(dim=(0, 2, 3, 4))  # per channel
         emb.copy_(mean + 1.5 * std * torch.randn(emb.shape, generator=g))
     return model
+
+
+def assert_twins_agree(fast, slow) -> None:
+    """A fast path and its slow twin compute the same math. `fast(dtype)` and `slow(dtype)` return lists of
+    tensors. In float64 they must agree to 1e-9 of each tensor's scale: rounding leaves them ~1e-15 apart,
+    so any real difference (an index, a scale, a sign) stands out by many orders of magnitude. In float32
+    the fast result may be no further from the float64 truth than 4x the slow twin's own rounding error on
+    the same input (plus a few ulps of the tensor's scale): kernels and instruction sets accumulate in
+    different orders, so the tolerance is measured on this CPU, from the arithmetic, not fixed where the
+    test was written."""
+    eps = torch.finfo(torch.float32).eps
+    f64, s64 = fast(torch.float64), slow(torch.float64)
+    assert len(f64) == len(s64)
+    # A tensor's scale, floored at 1e-3 of the largest one's: a gradient that is zero in exact arithmetic
+    # (a key bias under softmax) is pure rounding noise of the terms that cancel, which are that large.
+    top = max(float(b.abs().max()) for b in s64)
+    scales = [max(float(b.abs().max()), 1e-3 * top) for b in s64]
+    for i, (a, b, scale) in enumerate(zip(f64, s64, scales)):
+        gap = float((a - b).abs().max())
+        assert gap <= 1e-9 * scale, f"tensor {i}: float64 twins differ by {gap:.3g} at a scale of {scale:.3g}"
+    for i, (a, b, truth, scale) in enumerate(zip(fast(torch.float32), slow(torch.float32), s64, scales)):
+        slow_err = float((b.double() - truth).abs().max())
+        fast_err = float((a.double() - truth).abs().max())
+        allowed = 4 * slow_err + 8 * eps * scale
+        assert fast_err <= allowed, (f"tensor {i}: the float32 fast path is {fast_err:.3g} from the float64 truth, "
+                                     f"its twin {slow_err:.3g} (allowed {allowed:.3g})")
 
 
 def small_vq(seed: int = 0, **cfg) -> VisionVQ:
