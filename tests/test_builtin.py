@@ -30,6 +30,31 @@ def test_builtin_model_draws_and_answers():
     assert final_answer(reply) == "blue", reply
 
 
+@needs_model
+def test_builtin_model_converts_to_what_transformers_can_load(tmp_path, capsys):
+    """transformers' Emu3VQVAE fixes GroupNorm at 32 groups and the built-in tokenizer has 8: convert says
+    so in one line and writes the language model as transformers' Emu3ForCausalLM, the tokenizer in ours;
+    both emu3 and transformers load the result, and they compute the same logits."""
+    import torch
+
+    from emu3.checkpoint import load_model
+    from emu3.cli import main
+    from emu3.pipeline import Emu3
+
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    assert main(["convert", str(builtin_model()), "-o", str(out), "--layout", "transformers"]) == 0
+    note = capsys.readouterr().err.strip()
+    assert len(note.splitlines()) == 1 and "8 groups" in note and "Emu3ForCausalLM" in note, note
+    ids = torch.randint(0, 1600, (1, 12))
+    theirs = transformers.Emu3ForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, load_model(out)(ids), rtol=0, atol=1e-4)
+    a = Emu3.from_pretrained(out).generate_images(["a red circle"], seed=3)[0]
+    b = Emu3.from_pretrained(builtin_model()).generate_images(["a red circle"], seed=3)[0]
+    assert np.array_equal(a.codes, b.codes)
+
+
 @needs_vla
 def test_builtin_policy_acts_on_a_table():
     from emu3.action import ActionIds, FASTTokenizer

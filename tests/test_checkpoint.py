@@ -54,7 +54,7 @@ def test_norm_groups_round_trip_released_only(tmp_path):
     again = load_vq(tmp_path / "vq")
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     assert torch.equal(again.encode(x), model.eval().encode(x))
-    with pytest.raises(CheckpointError, match="fixes GroupNorm at 32 groups"):
+    with pytest.raises(CheckpointError, match="GroupNorm has 8 groups and transformers. Emu3VQVAE fixes 32"):
         save_vq(model, tmp_path / "hf", layout="transformers")
 
 

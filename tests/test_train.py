@@ -295,3 +295,34 @@ def test_compile_without_a_compiler_is_a_clear_error(monkeypatch):
     monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(InputError, match="needs a C[+][+] compiler"):
         parallelize(Emu3LM(model_config("tiny")), "none", torch.device("cpu"), compile=True)
+
+
+def test_train_export_generate_chat_with_no_extra_flags(dataset_inputs, tmp_path, capsys):
+    """The path a new user takes: tokenize, train a preset from scratch, export, then generate and chat
+    with the export alone. The export is a complete model folder: the vision tokenizer the data was
+    tokenized with, and the data's image size (the tiny preset's own is the released 720x720, which would
+    not fit its 4,096-token context)."""
+    from emu3.cli import main
+    from emu3.pipeline import Emu3
+
+    data, run, model = tmp_path / "data", tmp_path / "run", tmp_path / "model"
+    assert main(["tokenize-dataset", str(dataset_inputs / "imgs"), "--text-tokenizer", str(dataset_inputs / "tok"),
+                 "--tokenizer", str(dataset_inputs / "vq"), "-o", str(data), "--quiet"]) == 0
+    assert main(["train", "tiny-stage1", f"data={data}", f"text_tokenizer={dataset_inputs / 'tok'}", f"out={run}",
+                 "steps=2", "warmup=1", "seq_len=256", "batch_size=2", "--quiet"]) == 0
+    assert main(["export", str(run), "-o", str(model)]) == 0
+    assert (model / "vision_tokenizer" / "model.safetensors").exists()
+    emu = Emu3.from_pretrained(model)
+    assert emu.grid() == (8, 8)  # 32x32 pictures through a 4x tokenizer, as in the data
+    capsys.readouterr()
+    assert main(["generate", "a green triangle", "--model", str(model), "-o", str(tmp_path / "g.png"), "--quiet"]) == 0
+    assert "32x32" in capsys.readouterr().out
+    assert main(["chat", "--image", str(tmp_path / "g.png"), "what is it?", "--model", str(model)]) == 0
+    # the transformers layout from the CLI, with the tokenizer the run recorded (no internal argument names)
+    assert main(["export", str(run), "-o", str(tmp_path / "hf"), "--layout", "transformers"]) == 0
+    assert Emu3.from_pretrained(tmp_path / "hf").grid() == (8, 8)
+    # rerunning the finished run trains nothing, says where it resumed, and reports the last loss it logged
+    assert main(["train", "tiny-stage1", f"data={data}", f"text_tokenizer={dataset_inputs / 'tok'}", f"out={run}",
+                 "steps=2", "warmup=1", "seq_len=256", "batch_size=2"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "already finished" in out and "nan" not in out

@@ -176,10 +176,18 @@ _HF_FIELDS = {"z_channels": "latent_channels", "double_z": "double_latent", "ch"
               "ch_mult": "channel_multiplier"}
 
 
-def vq_config_to_hf(cfg: VQConfig) -> dict:
+def hf_vq_problem(cfg: VQConfig) -> str | None:
+    """Why transformers' Emu3VQVAE cannot hold this tokenizer, or None when it can."""
     if cfg.norm_groups != 32:
-        raise CheckpointError(f"norm_groups={cfg.norm_groups}: transformers' Emu3VQVAE fixes GroupNorm at 32 groups; "
-                              "save this tokenizer in the released layout")
+        return (f"the vision tokenizer's GroupNorm has {cfg.norm_groups} groups and transformers' Emu3VQVAE fixes "
+                "32")
+    return None
+
+
+def vq_config_to_hf(cfg: VQConfig) -> dict:
+    problem = hf_vq_problem(cfg)
+    if problem:
+        raise CheckpointError(f"{problem}: save this tokenizer in the released layout")
     d = {_HF_FIELDS.get(k, k): v for k, v in cfg.to_dict().items() if k != "dropout"}
     d.update(model_type="emu3_vqgan", hidden_size=cfg.ch * cfg.ch_mult[-1], num_attention_heads=1,
              attention_dropout=0.0)
@@ -333,6 +341,8 @@ def model_layout(folder: Path) -> tuple[str, ModelConfig, dict[str, str], dict[s
     cfg_path = folder / "config.json"
     d = read_json(cfg_path)
     files = weight_files(folder)
+    if d.get("model_type") == "emu3_text_model":  # transformers' Emu3ForCausalLM (the LM alone): our key names
+        return "transformers-text", model_config_from_hf(d, str(cfg_path)), {k: k for k in files}, files
     if d.get("model_type") == "emu3" or "text_config" in d:
         if not isinstance(d.get("text_config"), dict):
             raise CheckpointError(f"{cfg_path}: an Emu3 -hf config without a text_config object")
@@ -406,12 +416,15 @@ def _write_shards(tmp: Path, state: dict[str, torch.Tensor], max_shard_bytes: in
 
 def save_model(model: Emu3LM, folder: str | os.PathLike, tokenizer=None, vq: VisionVQ | None = None,
                layout: str = "released", max_shard_bytes: int = 5_000_000_000,
-               extra_files: dict[str, dict] | None = None) -> None:
-    """Write a model folder atomically.
+               extra_files: dict[str, dict] | None = None) -> str | None:
+    """Write a model folder atomically; returns a note when the layout had to differ from the one asked.
 
     released: config.json (Emu3Config fields) + shards, the tokenizer as tokenizer.json, and the VQ (if
     given) in `vision_tokenizer/`. transformers: one -hf folder (text_config, vq_config, the LM under
     `text_model.`, the VQ under `vqmodel.`, tokenizer.json), loadable by Emu3ForConditionalGeneration.
+    When transformers cannot hold the VQ (none given, or a config its Emu3VQVAE does not have, such as
+    GroupNorm groups other than 32), the LM alone in transformers' Emu3ForCausalLM layout and the VQ in
+    ours under `vision_tokenizer/`, and the note says why.
     """
     if layout not in ("released", "transformers"):
         raise CheckpointError(f"unknown layout {layout!r}; choose released or transformers")
@@ -419,16 +432,24 @@ def save_model(model: Emu3LM, folder: str | os.PathLike, tokenizer=None, vq: Vis
     dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
     state = dict(model.state_dict())
     extra_files = dict(extra_files or {})
+    note = None
     if layout == "transformers":  # transformers' text_config has no image_area: keep it with the defaults
         extra_files["emu3_defaults.json"] = {"image_area": cfg.image_area, **extra_files.get("emu3_defaults.json", {})}
+        problem = "there is no vision tokenizer to include" if vq is None else hf_vq_problem(vq.config)
+        if problem:
+            layout = "transformers-text"
+            note = (f"{problem}: wrote the language model in transformers' Emu3ForCausalLM layout"
+                    + (" and the vision tokenizer in emu3's layout under vision_tokenizer/" if vq is not None else ""))
     with atomic_dir(folder) as tmp:
-        if layout == "released":
-            config = {"architectures": ["Emu3ForCausalLM"], "model_type": "Emu3", **cfg.to_dict(), "torch_dtype": dtype}
+        if layout in ("released", "transformers-text"):
+            if layout == "released":
+                config = {"architectures": ["Emu3ForCausalLM"], "model_type": "Emu3", **cfg.to_dict(),
+                          "torch_dtype": dtype}
+            else:
+                config = {"architectures": ["Emu3ForCausalLM"], **model_config_to_hf(cfg), "dtype": dtype}
             if vq is not None:
                 save_vq(vq, tmp / "vision_tokenizer", extra_files=extra_files.get("vision_tokenizer"))
         else:
-            if vq is None:
-                raise CheckpointError("the transformers layout holds the VQ too: pass vq=")
             state = {("text_model.lm_head." + k[len("lm_head."):]) if k.startswith("lm_head.") else
                      ("text_model." + k): v for k, v in state.items()}
             to_hf = vq_key_map(vq.config)
@@ -448,3 +469,4 @@ def save_model(model: Emu3LM, folder: str | os.PathLike, tokenizer=None, vq: Vis
         for name, data in extra_files.items():
             if name != "vision_tokenizer":
                 write_json(tmp / name, data)
+    return note

@@ -83,7 +83,28 @@ def write_shard(folder: Path, index: int, records: list[Record]) -> dict:
     kinds: dict[str, int] = {}
     for r in records:
         kinds[r.kind] = kinds.get(r.kind, 0) + 1
-    return {"name": name, "records": len(records), "tokens": int(tokens.size), "kinds": kinds}
+    return {"name": name, "records": len(records), "tokens": int(tokens.size), "kinds": kinds,
+            "grids": image_grids(entries)}
+
+
+def image_grids(entries: list[dict]) -> dict[str, int]:
+    """{"HxW": records} of the code grids in a shard's record entries (a video counts its frame grid);
+    training reads these to give a model trained from scratch the image size of its data."""
+    grids: dict[str, int] = {}
+    for e in entries:
+        shapes = {tuple(f[-2:]) for name, f in e["fields"].items() if _visual(e, name) and len(f) >= 3}
+        for h, w in shapes:
+            grids[f"{h}x{w}"] = grids.get(f"{h}x{w}", 0) + 1
+    return grids
+
+
+def _visual(entry: dict, name: str) -> bool:
+    kind = entry["kind"]
+    if kind in ("image", "qa", "video"):
+        return name == "codes"
+    if kind == "interleaved":
+        return entry["meta"]["segments"][int(name[1:])] == "image"
+    return kind == "vla" and name.startswith("v")
 
 
 def read_index(folder: Path) -> dict:

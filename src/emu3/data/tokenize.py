@@ -33,6 +33,7 @@ import numpy as np
 
 from .. import media
 from ..errors import Emu3Error, InputError
+from ..fsutil import atomic_file
 from .shards import FORMAT, VERSION, Record, qa_record, read_index, shard_name, write_index, write_shard
 
 MEDIA_SUFFIXES = media.IMAGE_SUFFIXES | media.VIDEO_SUFFIXES
@@ -225,7 +226,7 @@ class _Worker:
         raise InputError("unknown record: needs image, video, text, segments or prompt_ids")
 
     def run(self, task: Task, out: Path) -> dict:
-        records, skipped, n = [], Counter(), 0
+        records, skipped, which, n = [], Counter(), [], 0
         # tar members live in a temporary folder only while the generator runs: consume it lazily
         for item in task.items if task.items is not None else _tar_items(Path(task.tar)):
             n += 1
@@ -233,8 +234,9 @@ class _Worker:
                 records.append(self.record(item))
             except (Emu3Error, OSError, ValueError, KeyError, TypeError) as e:
                 skipped[_reason(e)] += 1
+                which.append([str(item.get("_source", f"shard {task.shard} input {n}")), _reason(e)])
         entry = write_shard(out, task.shard, records)
-        entry.update(inputs=n, skipped=dict(skipped))
+        entry.update(inputs=n, skipped=dict(skipped), skipped_inputs=which)
         return entry
 
 
@@ -299,20 +301,28 @@ def _run(args) -> dict:
 def tokenize_dataset(inputs: list, out: str | os.PathLike, settings: Settings, workers: int = 1,
                      shard_size: int = 1000, progress: bool = True) -> dict:
     """Tokenize `inputs` into the dataset folder `out`, resuming from the shards already there."""
+    from ..checkpoint import vq_layout
     from ..tokenizer import TextTokenizer
 
     out = Path(out)
     tasks = scan(inputs, shard_size)
     text = TextTokenizer.from_pretrained(settings.text_tokenizer)
     vocab = {"text_size": text.vocab.text_size, "codebook_size": text.vocab.codebook_size}
+    vision = str(Path(settings.vision_tokenizer).resolve()) if settings.vision_tokenizer else None
+    factor = vq_layout(Path(vision))[1].spatial_factor if vision else None
     out.mkdir(parents=True, exist_ok=True)
     if (out / "index.json").exists():
         index = read_index(out)
         if index["vocab"] != vocab:
             raise InputError(f"{out} was tokenized with vocabulary {index['vocab']}, not {vocab}: use another folder")
+        if index.get("vision_tokenizer", vision) != vision:
+            raise InputError(f"{out} was tokenized with the vision tokenizer {index['vision_tokenizer']}, not "
+                             f"{vision}: use another folder")
     else:
+        # the tokenizers are recorded so that training and export know them (a model folder needs both)
         index = {"format": FORMAT, "version": VERSION, "vocab": vocab, "inputs": [str(i) for i in inputs],
-                 "shards": []}
+                 "text_tokenizer": str(Path(settings.text_tokenizer).resolve()), "vision_tokenizer": vision,
+                 "spatial_factor": factor, "shards": []}
         write_index(out, index)
     done = {s["name"] for s in index["shards"]}
     todo = [t for t in tasks if shard_name(t.shard) not in done]
@@ -342,14 +352,24 @@ def tokenize_dataset(inputs: list, out: str | os.PathLike, settings: Settings, w
                 finish(entry)
     if bar is not None:
         bar.close()
-    return summary(index)
+    result = summary(index)
+    with atomic_file(out / SKIPPED_REPORT) as tmp:  # every skipped input and why, in input order
+        tmp.write_text("".join(f"{source}\t{reason}\n" for source, reason in result["skipped_inputs"]),
+                       encoding="utf-8")
+    return result
+
+
+SKIPPED_REPORT = "skipped.tsv"
 
 
 def summary(index: dict) -> dict:
     skipped: Counter = Counter()
     kinds: Counter = Counter()
+    which: list = []
     for s in index["shards"]:
         skipped.update(s.get("skipped", {}))
         kinds.update(s.get("kinds", {}))
+        which += s.get("skipped_inputs", [])
     return {"shards": len(index["shards"]), "records": sum(s["records"] for s in index["shards"]),
-            "tokens": sum(s["tokens"] for s in index["shards"]), "kinds": dict(kinds), "skipped": dict(skipped)}
+            "tokens": sum(s["tokens"] for s in index["shards"]), "kinds": dict(kinds), "skipped": dict(skipped),
+            "skipped_inputs": which}

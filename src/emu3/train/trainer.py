@@ -93,6 +93,70 @@ def set_dropout(model: Emu3LM, p: float) -> None:
         layer.self_attn.dropout = p
 
 
+def data_sources(cfg: TrainConfig) -> list[tuple[str, float]]:
+    """(dataset folder, weight) of `data=path[:weight],...`."""
+    sources = []
+    for item in cfg.data:
+        path, _, weight = item.partition(":") if not Path(item).exists() else (item, "", "")
+        try:
+            sources.append((path, float(weight) if weight else 1.0))
+        except ValueError:
+            raise InputError(f"data={item!r}: the weight after ':' must be a number") from None
+    return sources
+
+
+@dataclass
+class DataInfo:
+    """What the datasets say about the model they train: the vision tokenizer they were tokenized with
+    and their most common image code grid (h, w) with the tokenizer's spatial factor."""
+
+    vision_tokenizer: str | None
+    grid: tuple[int, int] | None
+    spatial_factor: int | None
+
+
+def data_info(cfg: TrainConfig) -> DataInfo:
+    from collections import Counter
+
+    from ..data.shards import TokenDataset, image_grids
+
+    visions, factors, grids = set(), set(), Counter()
+    for path, _ in data_sources(cfg):
+        if not Path(path).is_dir():
+            continue  # the loader names it
+        ds = TokenDataset(path)
+        if ds.index.get("vision_tokenizer"):
+            visions.add(ds.index["vision_tokenizer"])
+            factors.add(ds.index.get("spatial_factor"))
+        for i, shard in enumerate(ds.shards):
+            counts = shard.get("grids")
+            if counts is None:  # tokenized before the index counted grids
+                counts = image_grids(ds._shard(i)[1])
+            grids.update(counts)
+    if len(visions) > 1:
+        raise InputError("the datasets were tokenized with different vision tokenizers (" + ", ".join(sorted(visions))
+                         + "): a model reads one codebook; re-tokenize them with one tokenizer")
+    grid = tuple(int(x) for x in grids.most_common(1)[0][0].split("x")) if grids else None
+    factor = factors.pop() if len(factors) == 1 else None
+    return DataInfo(visions.pop() if visions else None, grid, factor)
+
+
+def resolve_data(cfg: TrainConfig) -> DataInfo:
+    """Fill in what the run's config leaves open from its data, before config.json is written, so that
+    the run's export is a complete model folder: the vision tokenizer the data was tokenized with (else
+    the starting model's), and for a model trained from scratch the image area of its data."""
+    info = data_info(cfg)
+    if not cfg.vision_tokenizer:
+        if info.vision_tokenizer and Path(info.vision_tokenizer).is_dir():
+            cfg.vision_tokenizer = info.vision_tokenizer
+        elif Path(cfg.model).is_dir() and (Path(cfg.model) / "vision_tokenizer").is_dir():
+            cfg.vision_tokenizer = str((Path(cfg.model) / "vision_tokenizer").resolve())
+    if not Path(cfg.model).is_dir() and not cfg.image_area and info.grid and info.spatial_factor:
+        h, w = info.grid
+        cfg.image_area = h * w * info.spatial_factor ** 2
+    return info
+
+
 def text_tokenizer(cfg: TrainConfig) -> TextTokenizer:
     folder = cfg.text_tokenizer or (cfg.model if Path(cfg.model).is_dir() else "")
     if not folder:
@@ -137,6 +201,7 @@ class _Metrics:
     def __init__(self, run: Path, resume_step: int, enabled: bool):
         self.enabled = enabled
         self.tb = None
+        self.last_loss = float("nan")
         if not enabled:
             return
         path = run / "metrics.csv"
@@ -144,6 +209,8 @@ class _Metrics:
         if path.exists():  # a resumed run rewrites what came after its checkpoint
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        if rows:
+            self.last_loss = float(rows[-1]["loss"])
         self.file = open(path, "w", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=METRICS)
         self.writer.writeheader()
@@ -176,14 +243,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     env = setup(cfg)
     run = Path(cfg.out)
     tok = text_tokenizer(cfg)
+    resolve_data(cfg)
     model = build_model(cfg, tok).to(env.device)
     mode = cfg.parallel if cfg.parallel != "auto" else ("fsdp" if env.world > 1 else "none")
     module = parallelize(model, mode, env.device, cfg.activation_checkpointing, cfg.compile)
     optimizer = optimizer_for(module, cfg)
-    sources = []
-    for item in cfg.data:
-        path, _, weight = item.partition(":") if not Path(item).exists() else (item, "", "")
-        sources.append((path, float(weight) if weight else 1.0))
+    sources = data_sources(cfg)
     if cfg.dpo:
         loader = PairLoader(sources[0][0], tok.vocab.pad, cfg.batch_size, cfg.seed, env.rank, env.world)
     else:
@@ -207,6 +272,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         start, tokens_seen, streak = loop["step"], loop["tokens"], loop["nonfinite"]
         loader.load_state_dict(mine["loader"])
         state.set_rng_state(mine["rng"])
+        if env.main and progress:
+            print(f"resumed from {ckpt} (step {start} of {cfg.steps}"
+                  + (": already finished, nothing to train)" if start >= cfg.steps else ")"), flush=True)
     reference = dpo_reference(module, loader, cfg, env, run) if cfg.dpo else None
     metrics = _Metrics(run, start, env.main)
     bar = None
@@ -214,7 +282,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True)
-    last = {"loss": float("nan")}
+    last = {"loss": metrics.last_loss}  # a resumed run that has nothing left reports its last logged loss
     t_run = time.perf_counter()
     try:
         for step in range(start, cfg.steps):
@@ -357,8 +425,10 @@ def dpo_reference(module, loader: PairLoader, cfg: TrainConfig, env: Env, run: P
 
 
 def export(run: str | os.PathLike, out: str | os.PathLike, layout: str = "released",
-           checkpoint: str | os.PathLike | None = None) -> Path:
-    """Write a run's checkpoint (default: the newest complete one) as a model folder."""
+           checkpoint: str | os.PathLike | None = None) -> str | None:
+    """Write a run's checkpoint (default: the newest complete one) as a complete model folder: the model,
+    its text and vision tokenizers (the ones the data was tokenized with) and generation defaults that fit
+    its data. Returns save_model's note when the layout had to differ from the one asked."""
     import json
 
     from ..checkpoint import read_json, save_model
@@ -372,20 +442,32 @@ def export(run: str | os.PathLike, out: str | os.PathLike, layout: str = "releas
     if ckpt is None or not (ckpt / "COMMITTED").exists():
         raise InputError(f"{run}: no complete checkpoint to export")
     tok = text_tokenizer(cfg)
+    info = resolve_data(cfg)  # runs written before the config recorded these
     model = build_model(cfg, tok)
     state.load_model_state(ckpt, model)
+    if cfg.vision_tokenizer and not Path(cfg.vision_tokenizer).is_dir():
+        raise InputError(f"{run}: its vision tokenizer {cfg.vision_tokenizer} is gone; an export needs the one the "
+                         "data was tokenized with")
     vision = VisionTokenizer.from_pretrained(cfg.vision_tokenizer) if cfg.vision_tokenizer else None
+    if vision is not None and vision.model.config.codebook_size != tok.vocab.codebook_size:
+        raise InputError(f"the vision tokenizer {cfg.vision_tokenizer} has {vision.model.config.codebook_size} codes "
+                         f"but the model's vocabulary {tok.vocab.codebook_size}")
     extra = {}
     if Path(cfg.model).is_dir():  # fine-tuned: keep the starting model's defaults (none: the released recipe)
         if (Path(cfg.model) / "emu3_defaults.json").exists():
             extra["emu3_defaults.json"] = read_json(Path(cfg.model) / "emu3_defaults.json")
-    else:  # trained from scratch: the unconditional prompt is the empty caption, no prompt decoration
+    else:  # trained from scratch: the unconditional prompt is the empty caption, no prompt decoration, and
+        # images of the data's shape (the area is in config.json: model.config.image_area)
         extra["emu3_defaults.json"] = {"positive_suffix": "", "negative_prompt": ""}
+        if info.grid and info.grid[0] != info.grid[1]:
+            from math import gcd
+
+            h, w = info.grid
+            extra["emu3_defaults.json"]["ratio"] = f"{w // gcd(h, w)}:{h // gcd(h, w)}"
     order = cfg.resolved_order()
     if order != "raster" or "order" in extra.get("emu3_defaults.json", {}):  # generation writes what training read
         extra.setdefault("emu3_defaults.json", {})["order"] = order
     if vision is not None:
         extra["vision_tokenizer"] = {"preprocessor_config.json": vision.processor.to_dict()}
-    save_model(model.eval(), out, tokenizer=tok, vq=vision.model if vision else None, layout=layout,
-               extra_files=extra)
-    return Path(out)
+    return save_model(model.eval(), out, tokenizer=tok, vq=vision.model if vision else None, layout=layout,
+                      extra_files=extra)
