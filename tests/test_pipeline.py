@@ -104,8 +104,8 @@ def test_cli_video_commands(model_folder, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["generate", "x", "-o", "o.png"], "no built-in model, so pass --model DIR"),
     (["generate", "x", "-o", "o.png", "--image-area", "1000000"], "more than the model's context of 4096 tokens"),
-    (["generate", "x", "-o", "o.png", "--top-p", "0"], "top_p must be in (0, 1]"),
-    (["generate", "x", "-o", "o.png", "--temperature", "nan"], "temperature must be a finite number"),
+    (["generate", "x", "-o", "o.png", "--top-p", "0"], "argument --top-p: expected a number above 0 and <= 1"),
+    (["generate", "x", "-o", "o.png", "--temperature", "nan"], "argument --temperature: expected a finite number"),
     (["generate", "x", "-o", "o.png", "--ratio", "16-9"], "'W:H'"),
     (["generate", "x", "-o", "o.txt"], "cannot write an image"),
     (["generate", "-o", "o.png"], "give a prompt"),

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, media
+from . import __version__, media, threads
 from .errors import Emu3Error, InputError
 from .fsutil import atomic_file
 from .metrics import psnr, ssim
@@ -28,6 +28,35 @@ NO_MODEL = ("no model: this installation has no built-in model, so pass --model 
 NO_TOKENIZER = ("no vision tokenizer: this installation has no built-in model, so pass --tokenizer DIR (a folder "
                 "with config.json + model.safetensors: BAAI's Emu3-VisionTokenizer, an Emu3-*-hf folder, a "
                 "transformers Emu3VQVAE folder, or one made by `emu3 vq init` / `emu3 train-vq`)")
+
+
+WORLD = ("the built-in model knows only the shapes world (64x64 pictures of circles, squares and triangles in six "
+         "colours)")
+WORLD_HELP = ("Without --model this runs the built-in model, which knows only the shapes world (64x64 pictures of "
+              "circles, squares and triangles in six colours): on other inputs its output means nothing. With BAAI's "
+              "released checkpoints: ")
+RELEASED_FORM = {  # the same command on BAAI's released checkpoints (folders named as released)
+    "chat": "emu3 chat --model Emu3-Chat --tokenizer Emu3-VisionTokenizer --image {input} \"What is in the image?\"",
+    "vq": "emu3 vq {action} --tokenizer Emu3-VisionTokenizer {input} -o OUT",
+    "extend-video": "emu3 extend-video {input} \"PROMPT\" --model Emu3-Gen --tokenizer Emu3-VisionTokenizer -o OUT.mp4",
+    "inpaint": "emu3 inpaint {input} \"PROMPT\" --model DIR -o OUT.png  (DIR: a model trained with order=spiral)",
+    "generate": "emu3 generate \"a shiba inu\" --model Emu3-Gen --tokenizer Emu3-VisionTokenizer -o OUT.png",
+    "generate-video": "emu3 generate-video \"PROMPT\" --model DIR -o OUT.mp4  (DIR: a model trained on video)",
+    "serve": "emu3 serve --model Emu3-Gen --tokenizer Emu3-VisionTokenizer",
+}
+
+
+def _world_note(args, input_path, height: int, width: int) -> None:
+    """One note on stderr when a built-in model (no --model / --tokenizer given) reads an input that is not
+    of the shapes world's size: it will be resized to the model's size, and the result means nothing."""
+    from .world.scenes import SIZE
+
+    builtin = getattr(args, "model", None) is None and getattr(args, "tokenizer", None) is None
+    if not builtin or (height, width) == (SIZE, SIZE):
+        return
+    form = RELEASED_FORM[args.command].format(input=input_path, action=getattr(args, "action", ""))
+    print(f"emu3: note: {WORLD}; {input_path} is {width}x{height}, so expect nonsense. For real inputs use a released "
+          f"checkpoint: {form}", file=sys.stderr)
 
 
 def _device_dtype(args):
@@ -54,14 +83,19 @@ def _tokenizer(args):
 
 
 def _read_input(tok, args):
-    """-> ('image', (H, W, 3) uint8, None) or ('video', (T, H, W, 3) uint8, fps)."""
+    """-> ('image', (H, W, 3) uint8, None) or ('video', (T, H, W, 3) uint8, fps); sets the threads for it."""
     kind = media.probe(args.input)
     if kind == "image":
         image = media.open_image(args.input)
-        return kind, tok.processor.resize(image), None
-    video = tok.read_video(args.input, fps=args.fps, start=args.start, duration=args.duration,
-                           max_frames=args.max_frames, frame_limit=args.frame_limit)
-    return kind, video.frames, video.fps
+        _world_note(args, args.input, image.height, image.width)
+        frames, fps = tok.processor.resize(image), None
+    else:
+        video = tok.read_video(args.input, fps=args.fps, start=args.start, duration=args.duration,
+                               max_frames=args.max_frames, frame_limit=args.frame_limit)
+        frames, fps = video.frames, video.fps
+        _world_note(args, args.input, *video.source_size)
+    _set_threads(args, threads.vq_flops(tok.model, *frames.shape[-3:-1]))
+    return kind, frames, fps
 
 
 def _encode(tok, kind, frames, mode):
@@ -125,6 +159,8 @@ def cmd_vq_decode(args) -> None:
     kind = "image" if codes.ndim == 2 else "video"
     media.check_output_suffix(args.output, kind)
     tok = _tokenizer(args)
+    f = tok.model.config.spatial_factor
+    _set_threads(args, threads.vq_flops(tok.model, codes.shape[-2] * f, codes.shape[-1] * f))
     if kind == "image":
         frames = tok.decode_image(torch.from_numpy(codes))
     else:
@@ -186,7 +222,7 @@ def cmd_tokenizer_decode(args) -> None:
     print(tok.decode(ids, skip_special_tokens=args.skip_special_tokens))
 
 
-def _pipeline(args):
+def _pipeline(args, rows: int = threads.DECODE_ROWS):
     from .assets import builtin_model
     from .pipeline import Emu3
 
@@ -194,7 +230,15 @@ def _pipeline(args):
     if model is None:
         raise InputError(NO_MODEL)
     device, dtype = _device_dtype(args)
-    return Emu3.from_pretrained(model, args.tokenizer, device=device, dtype=dtype)
+    emu = Emu3.from_pretrained(model, args.tokenizer, device=device, dtype=dtype)
+    _set_threads(args, threads.lm_flops(emu.model, rows))
+    return emu
+
+
+def _set_threads(args, flops: float) -> None:
+    """PyTorch's threads for this command's work (emu3.threads); on an accelerator only an explicit choice."""
+    on_cpu = torch.device(getattr(args, "device", "cpu")).type == "cpu"
+    threads.configure(flops if on_cpu else float("inf"), args.threads)
 
 
 def _numbered(path: Path, i: int, count: int) -> Path:
@@ -212,9 +256,14 @@ def cmd_generate(args) -> None:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise InputError(f"{path}: no such prompts file")
-        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+        prompts += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
-        raise InputError("give a prompt, or --prompts-file with one prompt per line")
+        raise InputError("give a prompt, or --prompts-file with one prompt per line" +
+                         (f" ({args.prompts_file} has none)" if args.prompts_file else ""))
     out = Path(args.output)
     media.check_output_suffix(out, "image")
     if args.save_tokens and Path(args.save_tokens).suffix != ".npy":
@@ -238,10 +287,12 @@ def cmd_chat(args) -> None:
     from .format import RELEASED_CHAT_TEMPLATE, STAGE1_TEMPLATE
 
     image = media.open_image(args.image)
+    _world_note(args, args.image, image.height, image.width)
     emu = _pipeline(args)
     template = {"released": RELEASED_CHAT_TEMPLATE, "stage1": STAGE1_TEMPLATE}.get(args.template, args.template)
     print(emu.chat(image, args.question, max_new_tokens=args.max_new_tokens, template=template,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                   progress=not args.quiet))
 
 
 def cmd_generate_video(args) -> None:
@@ -260,6 +311,7 @@ def cmd_extend_video(args) -> None:
     emu = _pipeline(args)
     vision = emu._need_vision()
     video = vision.read_video(args.input, fps=args.fps, max_frames=args.max_frames)
+    _world_note(args, args.input, *video.source_size)
     g = emu.extend_video(video.frames, args.prompt, args.frames, fps=video.fps, seed=args.seed,
                          progress=not args.quiet, **_sampling_kwargs(args))
     media.write_media(args.output, g.pixels, video.fps)
@@ -270,8 +322,10 @@ def cmd_extend_video(args) -> None:
 def cmd_inpaint(args) -> None:
     media.check_output_suffix(args.output, "image")
     image = media.open_image(args.image)
+    _world_note(args, args.image, image.height, image.width)
     emu = _pipeline(args)
-    g = emu.inpaint(image, args.prompt, args.rings, seed=args.seed, order=args.order, **_sampling_kwargs(args))
+    g = emu.inpaint(image, args.prompt, args.rings, seed=args.seed, order=args.order, progress=not args.quiet,
+                    **_sampling_kwargs(args))
     media.write_media(args.output, g.pixels)
     print(f"wrote {args.output}: kept {args.rings} border rings of {g.codes.shape[0]}x{g.codes.shape[1]} codes")
 
@@ -287,15 +341,15 @@ def cmd_convert(args) -> None:
             (emu_dir / "config.json").read_text()):
         vision_dir = emu_dir
     vision = VisionTokenizer.from_pretrained(vision_dir, dtype=None) if vision_dir else None
-    if args.layout == "transformers" and vision is None:
-        raise InputError("the transformers layout includes the vision tokenizer: pass --tokenizer DIR")
     extra = {}
     if (emu_dir / "emu3_defaults.json").exists():
         extra["emu3_defaults.json"] = json.loads((emu_dir / "emu3_defaults.json").read_text())
-    if vision is not None and args.layout == "released":
+    if vision is not None:  # the processor travels with the tokenizer in either layout
         extra["vision_tokenizer"] = {"preprocessor_config.json": vision.processor.to_dict()}
-    save_model(model, args.output, tokenizer=tokenizer, vq=vision.model if vision else None, layout=args.layout,
-               extra_files=extra)
+    note = save_model(model, args.output, tokenizer=tokenizer, vq=vision.model if vision else None,
+                      layout=args.layout, extra_files=extra)
+    if note:
+        print(f"emu3: note: {note}", file=sys.stderr)
     print(f"wrote {args.output} ({args.layout} layout{', with the vision tokenizer' if vision else ''})")
 
 
@@ -314,6 +368,13 @@ def cmd_tokenize_dataset(args) -> None:
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(s["kinds"].items()))
     print(f"wrote {args.output}: {s['records']} records ({kinds}), {s['tokens']} tokens in {s['shards']} shards"
           f"; skipped: {skipped or 'none'}")
+    if s["skipped_inputs"]:
+        from .data.tokenize import SKIPPED_REPORT
+
+        first = s["skipped_inputs"][:3]
+        more = len(s["skipped_inputs"]) - len(first)
+        print("skipped: " + "; ".join(f"{source} ({reason})" for source, reason in first) +
+              (f"; {more} more" if more else "") + f"; all of them in {Path(args.output) / SKIPPED_REPORT}")
 
 
 def cmd_train(args) -> None:
@@ -343,7 +404,8 @@ def cmd_eval(args) -> None:
     if args.cfg is not None:  # the generation benchmark's guidance (and the video one's), for CFG sweeps
         emu.defaults.cfg_scale = args.cfg
     results = bench.evaluate(emu, generation=args.generation, understanding=args.understanding, video=args.video,
-                             tokenizer=args.tokenizer_images, inpainting=args.inpainting, seed=args.seed)
+                             tokenizer=args.tokenizer_images, inpainting=args.inpainting, seed=args.seed,
+                             progress=not args.quiet)
     if args.json:
         with atomic_file(Path(args.json)) as tmp:
             tmp.write_text(json.dumps(results, indent=2))
@@ -367,7 +429,7 @@ def cmd_eval_vla(args) -> None:
     emu = _pipeline(args)
     policy = Policy(emu, FASTTokenizer.from_pretrained(args.model), temperature=args.temperature or 0.0,
                     seed=args.seed, history=args.history)
-    r = evaluate(policy, args.episodes, horizon=args.horizon)
+    r = evaluate(policy, args.episodes, horizon=args.horizon, progress=not args.quiet)
     if args.json:
         with atomic_file(Path(args.json)) as tmp:
             tmp.write_text(json.dumps(r, indent=2))
@@ -393,7 +455,7 @@ def cmd_demo(args) -> None:
 
         policy = Policy(Emu3.from_pretrained(args.vla), FASTTokenizer.from_pretrained(args.vla))
     path = build_report(emu, args.output, seed=args.seed, model_name=str(args.model or "the built-in model"),
-                        vla=policy)
+                        vla=policy, progress=not args.quiet)
     print(f"wrote {path}")
 
 
@@ -408,7 +470,7 @@ def cmd_serve(args) -> None:
         raise InputError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_rows < 1 or args.max_queue < 0 or args.timeout <= 0:
         raise InputError("--max-rows must be >= 1, --max-queue >= 0 and --timeout > 0")
-    emu = _pipeline(args)
+    emu = _pipeline(args, rows=args.max_rows)  # threads set once, here, for the batch the server runs
     name = Path(args.model).name if args.model else "emu3-demo"
     config = ServeConfig(model_name=name, api_key=args.api_key or os.environ.get("EMU3_API_KEY") or None,
                          max_rows=args.max_rows, max_queue=args.max_queue, timeout=args.timeout,
@@ -435,12 +497,14 @@ def cmd_build_vla(args) -> None:
 def cmd_export(args) -> None:
     from .train.trainer import export
 
-    export(args.run, args.output, args.layout, args.checkpoint)
+    note = export(args.run, args.output, args.layout, args.checkpoint)
+    if note:
+        print(f"emu3: note: {note}", file=sys.stderr)
     print(f"wrote {args.output} ({args.layout} layout)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emu3", description="Emu3: next-token prediction for text, images and video.")
+    parser = _Parser(prog="emu3", description="Emu3: next-token prediction for text, images and video.")
     parser.add_argument("--version", action="version", version=f"emu3 {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -520,7 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="text-to-image")
     p.add_argument("prompt", nargs="*")
     p.add_argument("-o", "--output", required=True, metavar="OUT.png", help="several images: OUT-000.png, ...")
-    p.add_argument("--prompts-file", metavar="FILE", help="one prompt per line")
+    p.add_argument("--prompts-file", metavar="FILE",
+                   help="one prompt per line; blank lines and lines starting with # are skipped")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--ratio", help="'W:H' (default 1:1)")
     p.add_argument("--image-area", type=int, help="pixels (default: the model's, 720*720 for Emu3-Gen)")
@@ -537,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--template", default="released",
                    help="released (Emu3-Chat), stage1 (base model captioning), or a template string")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     lm_opts(p)
     p.set_defaults(func=cmd_chat)
 
@@ -582,6 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scenes to inpaint (0: skip; run only for a model trained with order=spiral)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--cfg", type=float, help="guidance scale for generation and video (default: the model's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     lm_opts(p, 10_000, "first held-out seed (default 10,000): generation draws from it, understanding from "
                        "+10,000, video +20,000, tokenizer +30,000, inpainting +40,000; training data uses 0")
     p.set_defaults(func=cmd_eval)
@@ -593,6 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="earlier frames in each prompt (1: the paper's two-frame window; 0, the default, "
                         "avoids the copycat problem: see emu3.vla)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     lm_opts(p)
     p.set_defaults(func=cmd_eval_vla)
 
@@ -600,6 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="DIR")
     p.add_argument("--vla", metavar="DIR", help="also show this VLA model folder's policy in the loop "
                                                    "(default with the built-in model: the built-in policy)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     lm_opts(p)
     p.set_defaults(func=cmd_demo, seed=50_000)
 
@@ -704,13 +773,100 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-special-tokens", action="store_true")
     p.add_argument("ids", nargs="+")
     p.set_defaults(func=cmd_tokenizer_decode)
+    _finish(parser)
     return parser
+
+
+# The range of every number an option takes (by argparse dest), checked when the command line is parsed,
+# so a bad value is one line naming the option and the limit, before anything is loaded. Every int or
+# float option must be listed here (build_parser checks).
+_ABOVE_0 = "above 0"  # a lower bound that excludes 0 itself
+_RANGES: dict[str, tuple[float | str, float | None]] = {  # (lowest, highest or None); floats must be finite
+    "seed": (0, None), "frame_batch": (1, None), "fps": (_ABOVE_0, 1000), "start": (0, None),
+    "duration": (_ABOVE_0, None),
+    "max_frames": (1, None), "frame_limit": (1, None), "num_frames": (1, None), "temperature": (0, None),
+    "top_k": (0, None), "top_p": (_ABOVE_0, 1), "cfg": (0, None), "n": (1, None), "image_area": (64, None),
+    "batch_size": (1, None), "max_new_tokens": (1, None), "frames": (1, None), "rings": (0, None),
+    "generation": (0, None), "understanding": (0, None), "video": (0, None), "tokenizer_images": (0, None),
+    "inpainting": (0, None), "episodes": (1, None), "horizon": (1, None), "history": (0, 1), "port": (0, 65535),
+    "max_rows": (1, None), "max_queue": (0, None), "timeout": (_ABOVE_0, None), "max_body_mb": (1, 4096),
+    "vq_steps": (1, None), "lm_steps": (1, None), "parts": (1, None), "workers": (1, 256), "shard_size": (1, None),
+    "vocab_size": (1, None), "codebook_size": (1, None), "min_frequency": (1, None),
+}
+
+
+def _ranged(kind, dest: str):
+    low, high = _RANGES[dest]
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if kind is float and not np.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        above = low == _ABOVE_0
+        if (value <= 0 if above else value < low) or (high is not None and value > high):
+            first = "above 0" if above else f">= {low:g}"
+            where = first if high is None else f"{first} and <= {high:g}" if above else f"from {low:g} to {high:g}"
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} {where}, "
+                                             f"got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _leaves(parser: argparse.ArgumentParser):
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield parser
+    for sub in subs:
+        for child in dict.fromkeys(sub.choices.values()):
+            yield from _leaves(child)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (the command, the problem, where to look), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _thread_count(text: str) -> str:
+    if text != "auto" and not (text.isdigit() and 1 <= int(text) <= 1024):
+        raise argparse.ArgumentTypeError(f"expected a number of threads from 1 to 1024, or auto; got {text!r}")
+    return text
+
+
+def _finish(parser: argparse.ArgumentParser) -> None:
+    """On every command (the leaves of the subcommand tree): --threads, and the ranges of numbers."""
+    for leaf in _leaves(parser):
+        words = leaf.prog.split()[1:]
+        if words and words[0] in RELEASED_FORM and (words[0] != "vq" or words[-1] in ("encode", "decode",
+                                                                                      "reconstruct")):
+            form = RELEASED_FORM[words[0]].format(input="INPUT", action=words[-1])
+            leaf.epilog = WORLD_HELP + form
+        leaf.add_argument("--threads", type=_thread_count, metavar="N",
+                          help="CPU threads for PyTorch (default auto: 1 for small models such as the built-in "
+                               "ones, every core for large work; also EMU3_THREADS)")
+        for action in leaf._actions:
+            if action.type in (int, float):
+                if action.dest not in _RANGES:
+                    raise AssertionError(f"{leaf.prog} {action.option_strings}: no range in cli._RANGES")
+                action.type = _ranged(action.type, action.dest)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error (one line already printed) or --help; as a status, not an exception
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        # an explicit choice applies at once; auto is refined by commands that know their work (_set_threads)
+        threads.configure(float("inf"), args.threads)
         args.func(args)
     except Emu3Error as e:
         print(f"emu3: error: {e}", file=sys.stderr)

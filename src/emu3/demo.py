@@ -93,16 +93,34 @@ def inpainting_section(emu, rng: np.random.Generator, seed: int, scenes: int = 4
 
 
 def build_report(emu, out: str, seed: int = 50_000, eval_sizes: dict | None = None, model_name: str = "",
-                 vla=None) -> Path:
-    """Write out/index.html; returns its path. `vla`: an emu3.vla.Policy to show in the loop as well."""
+                 vla=None, progress: bool = False) -> Path:
+    """Write out/index.html; returns its path. `vla`: an emu3.vla.Policy to show in the loop as well.
+    `progress`: a bar over the report's sections on stderr (the evaluation adds its own)."""
     t0 = time.time()
     rng = np.random.default_rng(seed)
     parts = []
+    sections = ["text to image", "questions", "videos", "tokenizer"]
+    sections += ["inpainting"] * (emu.defaults.order == "spiral") + ["policy in the loop"] * (vla is not None)
+    sections.append("evaluation")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(sections), unit="section", dynamic_ncols=True, leave=False)
+
+    def section(name: str) -> None:
+        if bar is not None:
+            if bar.n or name != sections[0]:
+                bar.update(1)
+            bar.set_description(f"demo: {name}")
+
+    section("text to image")
     prompts = bench.geneval_prompts(2, seed)
     gens = emu.generate_images([p.text for p in prompts], seed=seed)
     figs = [_figure(_png(g.pixels), p.text, bench.score(p, g.pixels)) for p, g in zip(prompts, gens)]
     parts.append('<section><h2>Text to image</h2><p>Prompts from every evaluation category; the mark is the '
                  'detector\'s verdict against the prompt.</p><div class="grid">' + "".join(figs) + "</div></section>")
+    section("questions")
     qa = []
     for _ in range(8):
         scene = sample_scene(rng)
@@ -111,6 +129,7 @@ def build_report(emu, out: str, seed: int = 50_000, eval_sizes: dict | None = No
         qa.append(_figure(_png(render(scene)), f"{q}? -> {answer} (truth: {a})", bench.final_answer(answer) == a))
     parts.append('<section><h2>Questions about held-out images</h2><div class="grid">' + "".join(qa) +
                  "</div></section>")
+    section("videos")
     vids = []
     for i in range(3):
         clip = sample_clip(rng)
@@ -121,6 +140,7 @@ def build_report(emu, out: str, seed: int = 50_000, eval_sizes: dict | None = No
     t2v = emu.generate_video(describe(sample_clip(rng)), frames=4, seed=seed)
     vids.append(_figure(_gif(t2v.pixels), f"text to video: {t2v.prompt}"))
     parts.append('<section><h2>Videos</h2><div class="grid">' + "".join(vids) + "</div></section>")
+    section("tokenizer")
     recon = []
     for _ in range(4):
         img = render(sample_scene(rng))
@@ -131,11 +151,14 @@ def build_report(emu, out: str, seed: int = 50_000, eval_sizes: dict | None = No
         recon.append(_figure(_png(rec), f"through the tokenizer: {psnr(img, rec):.1f} dB"))
     parts.append('<section><h2>Vision tokenizer</h2><div class="grid">' + "".join(recon) + "</div></section>")
     if emu.defaults.order == "spiral":
+        section("inpainting")
         parts.append(inpainting_section(emu, rng, seed))
     if vla is not None:
+        section("policy in the loop")
         parts.append(vla_section(vla))
+    section("evaluation")
     sizes = eval_sizes or {"generation": 8, "understanding": 48, "video": 6, "tokenizer": 64, "inpainting": 8}
-    results = bench.evaluate(emu, **sizes, seed=seed)
+    results = bench.evaluate(emu, **sizes, seed=seed, progress=progress)
     rows = "".join(f"<tr><td>{b}</td><td>{m}</td><td>{v:.3f}</td></tr>" for b, ms in results.items()
                    for m, v in ms.items() if isinstance(v, float))
     parts.append(f"<section><h2>Evaluation</h2><p>{html.escape(str(sizes))} held-out items (emu3 eval runs the "
@@ -144,6 +167,8 @@ def build_report(emu, out: str, seed: int = 50_000, eval_sizes: dict | None = No
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>emu3 demo</title><style>{CSS}</style></head>"
             f"<body><h1>emu3 demo</h1><p class='sub'>{html.escape(model_name)}; made in {time.time() - t0:.0f} s "
             "by <code>emu3 demo</code></p>" + "".join(parts) + "</body></html>")
+    if bar is not None:
+        bar.close()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / "index.html") as tmp:

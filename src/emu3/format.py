@@ -112,6 +112,9 @@ class ParseError(InputError):
     """A sequence that does not have the structure it claims (only raised with strict=True)."""
 
 
+MAX_ASPECT = 5  # the released processor refuses images whose long side is more than 5 times the short one
+
+
 def generation_grid(ratio: str = "1:1", image_area: int = 518400, factor: int = 8) -> tuple[int, int]:
     """Token grid (h, w) for a "W:H" aspect ratio and a pixel area, rounded half to even (as released)."""
     m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", ratio or "")
@@ -120,6 +123,9 @@ def generation_grid(ratio: str = "1:1", image_area: int = 518400, factor: int = 
     if image_area <= 0 or factor <= 0:
         raise InputError(f"image_area and factor must be positive, got {image_area} and {factor}")
     w, h = int(m.group(1)), int(m.group(2))
+    if max(w, h) / min(w, h) > MAX_ASPECT:
+        raise InputError(f"aspect ratio {ratio} is {max(w, h) / min(w, h):.3g} to 1, above the limit of {MAX_ASPECT} "
+                         "(the released image processor's)")
     target = (image_area / (h * w)) ** 0.5
     th, tw = int(round(h * target / factor)), int(round(w * target / factor))
     if th < 1 or tw < 1:

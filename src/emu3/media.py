@@ -183,7 +183,10 @@ def _decode_image(opener, name: str, max_pixels: int, formats: frozenset[str] | 
         image = opener()
     except Image.DecompressionBombError as e:
         raise InputError(f"{name}: image is far larger than the limit of {max_pixels} pixels ({e})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError:  # PIL's message names only its own file object
+        raise InputError(f"{name}: not an image file that can be read (no known image format in its header)") \
+            from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise InputError(f"{name}: not an image file that can be read ({type(e).__name__}: {e})") from None
     with image:
         if formats is not None and image.format not in formats:

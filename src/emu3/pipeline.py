@@ -65,6 +65,12 @@ class Defaults:
         return cls(**d)
 
 
+def _need_prompt(prompt) -> None:
+    """Generation is conditioned on its prompt: an empty one is refused here, as the server refuses it."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError(f"the prompt is empty (got {prompt!r}): describe what to generate")
+
+
 @dataclass
 class Generated:
     """One generated image or video: its prompt, seed, codes and pixels (uint8), and the raw tokens."""
@@ -148,7 +154,7 @@ class Emu3:
             from tqdm import tqdm
 
             total = sum(r.steps() for r in requests)
-            bar = tqdm(total=total, unit="tok", dynamic_ncols=True, leave=False)
+            bar = tqdm(total=total, unit="tok", dynamic_ncols=True, leave=False, delay=1.0)  # shown after 1 s
         results = []
         for start in range(0, len(requests), batch_size):
             batch = requests[start:start + batch_size]
@@ -177,6 +183,7 @@ class Emu3:
                       top_k: int | None = None, top_p: float | None = None, negative_prompt: str | None = None,
                       suffix: str | None = None) -> Request:
         """The engine request for one text-to-image generation (the grid from `grid` or ratio and area)."""
+        _need_prompt(prompt)
         fmt = self._formatter()
         h, w = grid or self.grid(ratio, image_area)
         d = self.defaults
@@ -222,7 +229,10 @@ class Emu3:
         """The engine request for a question about an image (PIL image or uint8 (H, W, 3) at model resolution)."""
         codes = self._need_vision().encode_image(image).numpy()
         prompt = self._formatter("raster").chat_prompt(codes, question, template or self.defaults.chat_template)
-        return Request(prompt, max_new_tokens=max_new_tokens or self.defaults.max_new_tokens,
+        if max_new_tokens is None:  # the default answer length, within what the context leaves
+            room = self.model.config.max_position_embeddings - len(prompt)
+            max_new_tokens = max(1, min(self.defaults.max_new_tokens, room))
+        return Request(prompt, max_new_tokens=max_new_tokens,
                        text=self._text_sampling(temperature, top_k, top_p), seed=seed)
 
     def answer(self, tokens: np.ndarray) -> str:
@@ -231,10 +241,10 @@ class Emu3:
 
     def chat(self, image, question: str, max_new_tokens: int | None = None, template: str | None = None,
              temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-             seed: int = 0) -> str:
+             seed: int = 0, progress: bool = False) -> str:
         """Answer a question about an image (PIL image or uint8 (H, W, 3) at model resolution)."""
         req = self.chat_request(image, question, max_new_tokens, template, temperature, top_k, top_p, seed)
-        (res, _), = self._run([req], 1, False)
+        (res, _), = self._run([req], 1, progress)
         return self.answer(res.tokens)
 
     def video_request(self, prompt: str, frames: int, context: np.ndarray | None = None, ratio: str | None = None,
@@ -243,6 +253,7 @@ class Emu3:
                       top_p: float | None = None, negative_prompt: str | None = None,
                       grid: tuple[int, int] | None = None) -> Request:
         """The engine request for `frames` latent frames, continuing the codes of `context` (t, h, w) if given."""
+        _need_prompt(prompt)
         self._need_vision()
         fmt = self._formatter("raster")
         h, w = grid or (context.shape[1:] if context is not None else self.grid(ratio, image_area))
@@ -294,7 +305,8 @@ class Emu3:
 
     def inpaint(self, image, prompt: str, rings: int, cfg_scale: float | None = None, seed: int = 0,
                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                negative_prompt: str | None = None, suffix: str | None = None, order: str | None = None) -> Generated:
+                negative_prompt: str | None = None, suffix: str | None = None, order: str | None = None,
+                progress: bool = False) -> Generated:
         """Keep the outer `rings` rings of the image's codes and generate the interior. The kept border
         must be the start of the sequence, so this needs the spiral-in order: the model's own (trained
         with order=spiral), or `order="spiral"` to force it on a model trained otherwise."""
@@ -309,6 +321,9 @@ class Emu3:
         h, w = codes.shape
         fmt = self._formatter(order)
         known = border_tokens(h, w, rings)
+        if known >= h * w:
+            raise InputError(f"rings={rings} keeps the whole {h}x{w} code grid, which leaves nothing to inpaint; use "
+                             f"at most {(min(h, w) - 1) // 2}")
         d = self.defaults
         cond = fmt.partial_image_prompt(prompt, codes, known, d.positive_suffix if suffix is None else suffix)
         neg_text = d.negative_prompt if negative_prompt is None else negative_prompt
@@ -316,7 +331,7 @@ class Emu3:
         req = Request(cond, image_template(self.vocab, h, w, known=known), negative=negative,
                       cfg_scale=d.cfg_scale if cfg_scale is None else cfg_scale, seed=seed,
                       visual=self._image_sampling(temperature, top_k, top_p))
-        (res, seconds), = self._run([req], 1, False)
+        (res, seconds), = self._run([req], 1, progress)
         image_out = fmt.parse(np.concatenate([cond, res.tokens]))[-1]
         assert isinstance(image_out, Image) and image_out.complete, image_out
         return Generated(prompt, seed, image_out.codes, vision.decode_image(image_out.codes), res.tokens, seconds)

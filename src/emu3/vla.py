@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .action import ActionIds, FASTTokenizer
+from .errors import InputError
 from .generate import Request, Sampling
 from .pipeline import Emu3
 from .world.table import HORIZON, TableEnv, expert, rollout
@@ -87,10 +88,15 @@ class Policy:
         return self.plan.pop(0)
 
 
-def evaluate(policy: Policy | None, episodes: int, seed: int = 100_000, horizon: int = HORIZON) -> dict:
+def evaluate(policy: Policy | None, episodes: int, seed: int = 100_000, horizon: int = HORIZON,
+             progress: bool = False) -> dict:
     """Success rates over held-out tables (seeds >= 100,000) of the policy, the scripted expert and a
     uniformly random policy, and the policy's time split (model, vision tokenizer, FAST, the rest:
     simulator, rendering, prompts); `expert_actions_per_s` is the loop without a model (the baseline)."""
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise InputError(f"episodes={episodes!r}: expected a count >= 1")
+    if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+        raise InputError(f"horizon={horizon!r}: expected a number of steps >= 1")
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
     runs = [rollout(TableEnv(seed + i), expert, horizon) for i in range(episodes)]
@@ -102,11 +108,21 @@ def evaluate(policy: Policy | None, episodes: int, seed: int = 100_000, horizon:
         policy.stats = PolicyStats()  # the time split covers these episodes only
         t0 = time.perf_counter()
         wins, steps = [], 0
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=episodes, unit="episode", desc="eval-vla", dynamic_ncols=True, leave=False)
         for i in range(episodes):
             policy.reset()
             ep = rollout(TableEnv(seed + i), policy, horizon)
             wins.append(ep.success)
             steps += len(ep.actions)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(success=f"{sum(wins)}/{len(wins)}")
+        if bar is not None:
+            bar.close()
         wall = time.perf_counter() - t0
         s = policy.stats
         out.update(policy=float(np.mean(wins)), actions_per_s=steps / wall, queries=s.queries,

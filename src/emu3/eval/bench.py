@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import InputError
 from ..metrics import psnr, ssim
 from ..world.motion import sample_clip
 from ..world.scenes import COLORS, NUMBERS, SHAPES, article, plural, questions, render, sample_scene
@@ -84,9 +85,17 @@ def score(prompt: Prompt, image: np.ndarray) -> bool:
     return {"left of": dx > 3, "right of": dx < -3, "above": dy > 3, "below": dy < -3}[sp["rel"]]
 
 
-def eval_generation(emu, n_per_category: int = 16, seed: int = 10_000, batch_size: int = 16) -> dict:
+def _none(_k: int = 1) -> None:
+    """No progress to report."""
+
+
+def eval_generation(emu, n_per_category: int = 16, seed: int = 10_000, batch_size: int = 16, tick=_none) -> dict:
     prompts = geneval_prompts(n_per_category, seed)
-    images = emu.generate_images([p.text for p in prompts], seed=seed, batch_size=batch_size)
+    images = []
+    for start in range(0, len(prompts), batch_size):  # a batch at a time, to report progress
+        chunk = prompts[start:start + batch_size]
+        images += emu.generate_images([p.text for p in chunk], seed=seed + start, batch_size=batch_size)
+        tick(len(chunk))
     ok = {c: [] for c in CATEGORIES}
     for p, g in zip(prompts, images):
         ok[p.category].append(score(p, g.pixels))
@@ -115,7 +124,8 @@ def final_answer(text: str) -> str:
     return text.rsplit(", so ", 1)[-1].strip().strip(".").lower()
 
 
-def eval_understanding(emu, n: int = 200, seed: int = 20_000, max_new_tokens: int | None = None) -> dict:
+def eval_understanding(emu, n: int = 200, seed: int = 20_000, max_new_tokens: int | None = None,
+                       tick=_none) -> dict:
     """Exact-match accuracy of the final answer (`final_answer`), overall and per question kind (count,
     color, existence, relation, side). max_new_tokens: the model folder's default unless given (the
     built-in model's leaves room to reason)."""
@@ -126,12 +136,13 @@ def eval_understanding(emu, n: int = 200, seed: int = 20_000, max_new_tokens: in
         (q, a), = questions(scene, rng, 1)
         answer = emu.chat(render(scene), q, max_new_tokens=max_new_tokens)
         right[question_kind(q)].append(final_answer(answer) == a)
+        tick()
     kinds = {k: float(np.mean(v)) for k, v in right.items() if v}
     return {"accuracy": float(np.mean(sum(right.values(), []))), **kinds, "questions": n,
             "asked": {k: len(v) for k, v in right.items() if v}}
 
 
-def eval_captions(emu, n: int = 64, seed: int = 20_000) -> float:
+def eval_captions(emu, n: int = 64, seed: int = 20_000, tick=_none) -> float:
     """The share of held-out scenes' objects (colour and kind) that the model's own caption names
     ("red circle" or "red circles"), asked with the Stage1 template and no question: what it perceives,
     without the one-word bottleneck of a question."""
@@ -146,10 +157,11 @@ def eval_captions(emu, n: int = 64, seed: int = 20_000) -> float:
         scene = sample_scene(rng)
         text = emu.chat(render(scene), "", max_new_tokens=32, template=STAGE1_TEMPLATE)
         named += [re.search(rf"\b{c} ({k}|{plural(k, 2)})\b", text) is not None for _, c, k in groups(scene)]
+        tick()
     return float(np.mean(named))
 
 
-def eval_video(emu, n: int = 24, seed: int = 30_000, tolerance: float = 4.0) -> dict:
+def eval_video(emu, n: int = 24, seed: int = 30_000, tolerance: float = 4.0, tick=_none) -> dict:
     """Extension from one latent frame (4 frames) to four (16 frames): the share of objects in the 12
     predicted frames found within `tolerance` px of where the world's physics puts them. Beside it, on
     the same clips: the vision tokenizer's round trip of the true frames (what a perfect language model
@@ -169,6 +181,7 @@ def eval_video(emu, n: int = 24, seed: int = 30_000, tolerance: float = 4.0) -> 
             rt = emu.vision.decode_video(emu.vision.encode_video(frames, "causal"), "causal")
         ceiling.append(placement(clip, rt, tolerance))
         still.append(placement(clip, held_still(frames), tolerance)[:, 0])
+        tick()
     hits, ceiling = np.concatenate(hits), np.concatenate(ceiling)  # (objects, 2): kind and colour / colour
     still = np.concatenate(still)  # (objects,): kind and colour
     return {"within_tolerance": float(hits[:, 0].mean()), "tokenizer_ceiling": float(ceiling[:, 0].mean()),
@@ -194,7 +207,7 @@ def placement(clip, pixels, tolerance: float) -> np.ndarray:
     return np.array(out, dtype=bool).reshape(-1, 2)
 
 
-def eval_inpainting(emu, n: int = 64, seed: int = 50_000, rings: int = 2) -> dict:
+def eval_inpainting(emu, n: int = 64, seed: int = 50_000, rings: int = 2, tick=_none) -> dict:
     """Held-out scenes with their inside erased: the outer `rings` rings of codes are kept (spiral-in
     order), the model writes the rest from a caption naming every object ("two red circles and a blue
     square"). Scored like generation's counting: right when the detector finds exactly the scene's
@@ -213,6 +226,7 @@ def eval_inpainting(emu, n: int = 64, seed: int = 50_000, rings: int = 2) -> dic
             codes = emu.vision.encode_image(image)
             ceiling.append(same_objects(scene, emu.vision.decode_image(codes)))
         border.append(same_objects(scene, erased(image, codes.shape, rings)))
+        tick()
     return {"accuracy": float(np.mean(ok)), "tokenizer_ceiling": float(np.mean(ceiling)),
             "border_only": float(np.mean(border)), "scenes": n, "rings": rings}
 
@@ -255,21 +269,51 @@ def eval_tokenizer(vision, n: int = 128, seed: int = 40_000, clips: int | None =
 
 
 def evaluate(emu, generation: int = 16, understanding: int = 200, video: int = 24, tokenizer: int = 128,
-             inpainting: int = 64, seed: int = 10_000) -> dict:
+             inpainting: int = 64, seed: int = 10_000, progress: bool = False) -> dict:
     """Every benchmark with a non-zero count; inpainting only for a model trained in the spiral-in order
-    (its emu3_defaults.json says order "spiral"), since no other order can keep a border."""
+    (its emu3_defaults.json says order "spiral"), since no other order can keep a border. `progress`: one
+    bar over all items (the benchmark running, how many done, time left) on stderr."""
+    for name, n in (("generation", generation), ("understanding", understanding), ("video", video),
+                    ("tokenizer", tokenizer), ("inpainting", inpainting)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InputError(f"{name}={n!r}: expected a count >= 0 (0 skips it)")
+    inpainting = inpainting if emu.defaults.order == "spiral" else 0
+    captions = max(1, understanding // 3) if understanding else 0
+    # each item weighs about what it costs the built-in model (an image through the tokenizer is ~1/50 of
+    # a generated image; a video extension ~3 images), so the time left is roughly right
+    total = tokenizer // 50 + 6 * generation + understanding + captions + 3 * video + inpainting
+    bar = None
+    if progress and total:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="item", desc="eval", dynamic_ncols=True, leave=False)
+
+    def stage(name: str, weight: int = 1):
+        if bar is None:
+            return _none
+        bar.set_description(f"eval: {name}")
+        return lambda k=1: bar.update(k * weight)
+
     out = {}
-    if tokenizer:
-        out["tokenizer"] = eval_tokenizer(emu.vision, tokenizer, seed + 30_000)
-    if generation:
-        out["generation"] = eval_generation(emu, generation, seed)
-    if understanding:
-        out["understanding"] = eval_understanding(emu, understanding, seed + 10_000)
-        out["understanding"]["caption_objects"] = eval_captions(emu, max(1, understanding // 3), seed + 10_000)
-    if video:
-        out["video"] = eval_video(emu, video, seed + 20_000)
-    if inpainting and emu.defaults.order == "spiral":
-        out["inpainting"] = eval_inpainting(emu, inpainting, seed + 40_000)
+    try:
+        if tokenizer:
+            stage("tokenizer")
+            out["tokenizer"] = eval_tokenizer(emu.vision, tokenizer, seed + 30_000)
+            if bar is not None:
+                bar.update(tokenizer // 50)
+        if generation:
+            out["generation"] = eval_generation(emu, generation, seed, tick=stage("generation"))
+        if understanding:
+            out["understanding"] = eval_understanding(emu, understanding, seed + 10_000, tick=stage("understanding"))
+            out["understanding"]["caption_objects"] = eval_captions(emu, captions, seed + 10_000,
+                                                                    tick=stage("captions"))
+        if video:
+            out["video"] = eval_video(emu, video, seed + 20_000, tick=stage("video", 3))
+        if inpainting:
+            out["inpainting"] = eval_inpainting(emu, inpainting, seed + 40_000, tick=stage("inpainting"))
+    finally:
+        if bar is not None:
+            bar.close()
     return out
 
 
