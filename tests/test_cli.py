@@ -149,3 +149,98 @@ def test_tokenizer_train_encode_decode(tmp_path, capsys):
     assert code == 2 and "unknown special token" in err
     code, _, err = run(capsys, "tokenizer", "train", tmp_path / "missing.txt", "-o", tmp_path / "t2")
     assert code == 2 and "no such text file" in err
+
+
+def _bad_values(dest: str, kind: str) -> list[str]:
+    from emu3.cli import _ABOVE_0, _RANGES
+
+    low, high = _RANGES[dest]
+    bad = ["many", "0" if low == _ABOVE_0 else str(int(low) - 1)]
+    if high is not None:
+        bad.append(str(high + 1))
+    if kind == "float":
+        bad += ["nan", "inf"]
+    else:
+        bad.append("1.5")
+    return bad
+
+
+def test_every_number_option_refuses_bad_values_in_one_line(capsys):
+    """Every int or float option of every command: words, values below or above its range, NaN, fractions
+    for counts. One line naming the option and the limit, status 2, nothing loaded."""
+    from emu3.cli import _leaves, build_parser
+
+    checked = 0
+    for leaf in _leaves(build_parser()):
+        words = leaf.prog.split()[1:]
+        for action in leaf._actions:
+            kind = getattr(action.type, "__name__", "")
+            if not action.option_strings or kind not in ("int", "float"):
+                continue
+            for value in _bad_values(action.dest, kind):
+                code, out, err = run(capsys, *words, action.option_strings[-1], value)
+                assert code == 2 and err.count("\n") == 1 and not out, (words, action.dest, value, err)
+                assert f"argument {action.option_strings[-1]}" in err or "argument " in err, err
+                checked += 1
+    assert checked > 150  # every command's options were reached
+
+
+def test_bad_inputs_of_every_kind_get_one_line(model_folder, tiny_dir, tmp_path, capsys):
+    """Empty, absurd and wrong-kind inputs across the commands: one line on stderr, status 2."""
+    Image.fromarray(scene(32, 32)).save(tmp_path / "ok.png")
+    (tmp_path / "text.png").write_text("hello")
+    (tmp_path / "text.mp4").write_text("hello")
+    (tmp_path / "comments.txt").write_text("# only a comment\n\n   # and another\n")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00 not text")
+    m = ["--model", str(model_folder)]
+    cases = [
+        (["generate", "", "-o", tmp_path / "a.png", *m], "the prompt is empty"),
+        (["generate", "   ", "-o", tmp_path / "a.png", *m], "the prompt is empty"),
+        (["generate", "x", "--ratio", "100:1", "-o", tmp_path / "a.png", *m], "above the limit of 5"),
+        (["generate", "x", "--ratio", "0:1", "-o", tmp_path / "a.png", *m], "'W:H'"),
+        (["generate", "--prompts-file", tmp_path / "comments.txt", "-o", tmp_path / "a.png", *m], "has none"),
+        (["generate", "--prompts-file", tmp_path / "binary.txt", "-o", tmp_path / "a.png", *m], "not a UTF-8"),
+        (["generate", "--prompts-file", tmp_path / "nothing.txt", "-o", tmp_path / "a.png", *m], "no such"),
+        (["generate", "x", "--image-area", "100000000", "-o", tmp_path / "a.png", *m], "context"),
+        (["generate-video", "", "-o", tmp_path / "a.mp4", *m], "the prompt is empty"),
+        (["chat", "--image", tmp_path / "text.png", "what?", *m], "not an image file"),
+        (["chat", "--image", tmp_path / "missing.png", "what?", *m], "no such file"),
+        (["chat", "--image", tmp_path, "what?", *m], "is a folder"),
+        (["extend-video", tmp_path / "text.mp4", "more", "-o", tmp_path / "a.mp4", *m], "not a video file"),
+        (["inpaint", tmp_path / "ok.png", "x", "--rings", "9", "--order", "spiral", "-o", tmp_path / "a.png", *m],
+         "leaves nothing to inpaint"),
+        (["eval-vla", *m], "no fast_tokenizer.json"),
+        (["tokenize-dataset", tmp_path / "missing", "-o", tmp_path / "d", *m], "no such file or folder"),
+        (["tokenize-dataset", tmp_path / "ok.png", "-o", tmp_path / "d", *m], "inputs are folders"),
+        (["train", "tiny-stage1", "steps=-3", f"data={tmp_path}"], "steps must be >= 1"),
+        (["train", "tiny-stage1", "bogus=1"], "unknown config key"),
+        (["export", tmp_path, "-o", tmp_path / "e"], "not a training run"),
+        (["convert", tmp_path / "missing", "-o", tmp_path / "c"], "no such folder"),
+        (["vq", "decode", "--tokenizer", tiny_dir, tmp_path / "ok.png", "-o", tmp_path / "x.png"], "not a .npy"),
+        (["generate", "x", "-o", tmp_path / "a.png", "--model", tmp_path / "ok.png"], "no such folder"),
+    ]
+    for argv, message in cases:
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "a.png").exists() and not (tmp_path / "a.mp4").exists()
+
+
+def test_builtin_model_on_a_photo_says_what_it_knows(tmp_path, capsys):
+    """The built-in models know the shapes world only: one note on stderr, with the command's released form,
+    for an input of another size; none for a world picture."""
+    from emu3.assets import builtin_model
+    from emu3.world.scenes import render, sample_scene
+
+    if builtin_model() is None:
+        pytest.skip("the built-in model is not installed")
+    Image.fromarray(scene(300, 451)).save(tmp_path / "photo.jpg")
+    Image.fromarray(render(sample_scene(np.random.default_rng(0)))).save(tmp_path / "world.png")
+    code, out, err = run(capsys, "vq", "reconstruct", tmp_path / "photo.jpg", "-o", tmp_path / "r.png")
+    assert code == 0 and err.count("emu3: note: the built-in model knows only the shapes world") == 1
+    assert "is 451x300" in err and "--tokenizer Emu3-VisionTokenizer" in err
+    code, out, err = run(capsys, "chat", "--image", tmp_path / "photo.jpg", "what is it?", "--quiet")
+    assert code == 0 and "--model Emu3-Chat" in err
+    code, out, err = run(capsys, "chat", "--image", tmp_path / "world.png", "how many circles are there?", "--quiet")
+    assert code == 0 and "note" not in err
+    code, out, _ = run(capsys, "chat", "--help")
+    assert "knows only the shapes world" in " ".join(out.split())

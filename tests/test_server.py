@@ -253,6 +253,7 @@ def test_bad_images_are_refused_before_decoding(client, image, message):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == "messages[0].content[0].image_url.url" and message in err["message"]
+    assert " object at 0x" not in err["message"]  # no Python reprs reach the client
     r = client.post("/v1/chat/completions", json=chat_body(b"", question="q") | {"messages": [
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
                                      {"type": "text", "text": "q"}]}]})

@@ -354,19 +354,24 @@ def cmd_convert(args) -> None:
 
 
 def cmd_tokenize_dataset(args) -> None:
+    from .assets import builtin_model
     from .data.tokenize import Settings, tokenize_dataset
 
+    if not (args.model or args.text_tokenizer):  # the built-in model's tokenizers, as every command defaults to
+        args.model = builtin_model() and str(builtin_model())
     text = args.text_tokenizer or args.model
     vision = args.tokenizer or (str(Path(args.model) / "vision_tokenizer") if args.model and
                                 (Path(args.model) / "vision_tokenizer").is_dir() else args.model)
     if not text:
         raise InputError("give --model DIR (text tokenizer and vision_tokenizer/ inside) or --text-tokenizer DIR "
-                         "[--tokenizer DIR]")
+                         "[--tokenizer DIR]: this installation has no built-in model to default to")
     settings = Settings(text, vision, args.fps, args.max_frames, args.frame_limit, args.video_mode)
-    s = tokenize_dataset(args.input, args.output, settings, args.workers, args.shard_size, progress=not args.quiet)
+    s = tokenize_dataset(args.input, args.output, settings, args.workers, args.shard_size, progress=not args.quiet,
+                         threads=args.threads)
     skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(s["skipped"].items(), key=lambda kv: -kv[1]))
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(s["kinds"].items()))
-    print(f"wrote {args.output}: {s['records']} records ({kinds}), {s['tokens']} tokens in {s['shards']} shards"
+    kinds = f" ({kinds})" if kinds else ""
+    print(f"wrote {args.output}: {s['records']} records{kinds}, {s['tokens']} tokens in {s['shards']} shards"
           f"; skipped: {skipped or 'none'}")
     if s["skipped_inputs"]:
         from .data.tokenize import SKIPPED_REPORT
@@ -719,7 +724,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "shards for training")
     p.add_argument("input", nargs="+", help="folders (media + .txt/.json captions), .jsonl manifests, .tar shards")
     p.add_argument("-o", "--output", required=True, metavar="DIR")
-    p.add_argument("--model", metavar="DIR", help="take the text tokenizer and vision_tokenizer/ from a model folder")
+    p.add_argument("--model", metavar="DIR", help="take the text tokenizer and vision_tokenizer/ from a model folder "
+                                                  "(default: the built-in model's)")
     p.add_argument("--text-tokenizer", metavar="DIR")
     p.add_argument("--tokenizer", metavar="DIR", help="vision tokenizer folder")
     p.add_argument("--workers", type=int, default=1, help="processes (default 1)")

@@ -141,16 +141,21 @@ def scan(inputs: list[str | os.PathLike], shard_size: int) -> list[Task]:
 
 
 class _Worker:
-    def __init__(self, settings: Settings, threads: int):
-        import torch
+    def __init__(self, settings: Settings, share: int, thread_setting: int | str | None):
+        """`share`: the cores this worker may use (all of them in-process, a part of them in a pool)."""
+        import math
 
+        from .. import threads
         from ..tokenizer import TextTokenizer
         from ..vision import VisionTokenizer
 
-        torch.set_num_threads(max(1, threads))
         self.s = settings
         self.text = TextTokenizer.from_pretrained(settings.text_tokenizer)
         self.vision = VisionTokenizer.from_pretrained(settings.vision_tokenizer) if settings.vision_tokenizer else None
+        side = math.isqrt(self.vision.processor.max_pixels) if self.vision else 0  # the largest image it encodes
+        flops = threads.vq_flops(self.vision.model, side, side) if self.vision else 0.0
+        n = threads.explicit(thread_setting) or min(share, threads.choose(flops))
+        threads.configure(flops, n)
 
     def ids(self, text) -> np.ndarray:
         if not isinstance(text, str):
@@ -284,9 +289,9 @@ def _reason(e: Exception) -> str:
 _worker: _Worker | None = None
 
 
-def _init(settings: Settings, threads: int) -> None:
+def _init(settings: Settings, share: int, thread_setting: int | str | None) -> None:
     global _worker
-    _worker = _Worker(settings, threads)
+    _worker = _Worker(settings, share, thread_setting)
 
 
 def _run(args) -> dict:
@@ -299,8 +304,9 @@ def _run(args) -> dict:
 
 
 def tokenize_dataset(inputs: list, out: str | os.PathLike, settings: Settings, workers: int = 1,
-                     shard_size: int = 1000, progress: bool = True) -> dict:
-    """Tokenize `inputs` into the dataset folder `out`, resuming from the shards already there."""
+                     shard_size: int = 1000, progress: bool = True, threads: int | str | None = None) -> dict:
+    """Tokenize `inputs` into the dataset folder `out`, resuming from the shards already there. `threads`:
+    PyTorch threads per worker (default: emu3.threads' policy within the worker's share of the cores)."""
     from ..checkpoint import vq_layout
     from ..tokenizer import TextTokenizer
 
@@ -339,15 +345,16 @@ def tokenize_dataset(inputs: list, out: str | os.PathLike, settings: Settings, w
         if bar is not None:
             bar.update(1)
 
-    cpus = os.cpu_count() or 1
+    from ..threads import cores
+
     if workers <= 1:
-        _init(settings, cpus)
+        _init(settings, cores(), threads)
         for t in todo:
             finish(_run((t, out)))
     else:
         import multiprocessing as mp
 
-        with mp.get_context("spawn").Pool(workers, _init, (settings, max(1, cpus // workers))) as pool:
+        with mp.get_context("spawn").Pool(workers, _init, (settings, max(1, cores() // workers), threads)) as pool:
             for entry in pool.imap_unordered(_run, [(t, out) for t in todo]):
                 finish(entry)
     if bar is not None:
