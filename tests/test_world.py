@@ -246,7 +246,8 @@ def test_eval_and_demo_commands(tmp_path, world_model, capsys):
 
     assert main(["eval", "--model", str(world_model), "--generation", "1", "--understanding", "2", "--video", "1",
                  "--tokenizer-images", "4", "--json", str(tmp_path / "r.json")]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "eval: generation" in err and "eval: video" in err  # progress: which benchmark, how far, time left
     assert "| generation | overall |" in out and "| understanding | accuracy |" in out
     assert "| video | tokenizer_ceiling |" in out and "| video | within_tolerance_any_kind |" in out
     assert "tolerance_px" not in out
@@ -256,6 +257,7 @@ def test_eval_and_demo_commands(tmp_path, world_model, capsys):
                  "--tokenizer-images", "0", "--cfg", "-1"]) == 2
     assert "argument --cfg: expected a number >= 0, got '-1'" in capsys.readouterr().err
     assert main(["demo", "--model", str(world_model), "-o", str(tmp_path / "report")]) == 0
+    assert "demo: evaluation" in capsys.readouterr().err
     page = (tmp_path / "report" / "index.html").read_text()
     assert page.startswith("<!doctype html>") and "<h2>Inpainting" not in page  # a raster model cannot keep a border
 

@@ -99,7 +99,7 @@ def _read_input(tok, args):
 
 
 def _encode(tok, kind, frames, mode):
-    return tok.encode_images([frames])[0] if kind == "image" else tok.encode_video(frames, mode)
+    return tok.encode_images([frames])[0] if kind == "image" else tok.encode_video(frames, mode, progress=True)
 
 
 def cmd_vq_init(args) -> None:
@@ -166,7 +166,7 @@ def cmd_vq_decode(args) -> None:
     else:
         mode = args.mode or meta.get("mode", "chunks")
         num_frames = args.num_frames or meta.get("num_frames")
-        frames = tok.decode_video(torch.from_numpy(codes), mode, num_frames)
+        frames = tok.decode_video(torch.from_numpy(codes), mode, num_frames, progress=True)
     fps = args.fps or meta.get("fps") or 24.0
     media.write_media(args.output, frames, fps)
     print(f"wrote {args.output}: " + (f"{frames.shape[1]}x{frames.shape[0]} image" if kind == "image" else
@@ -181,7 +181,7 @@ def cmd_vq_reconstruct(args) -> None:
     if kind == "image":
         recon = tok.decode_image(codes)
     else:
-        recon = tok.decode_video(codes, args.mode, num_frames=len(frames))
+        recon = tok.decode_video(codes, args.mode, num_frames=len(frames), progress=True)
     media.write_media(args.output, recon, fps or 24.0)
     n = 1 if kind == "image" else len(frames)
     h, w = frames.shape[-3:-1]

@@ -36,6 +36,16 @@ PRESET_PROCESSORS = {
 }
 
 
+def _steps(start: int, stop: int, step: int, what: str, progress: bool):
+    """range(start, stop, step), with a progress bar (frames done, time left) when asked for and slow."""
+    steps = range(start, stop, step)
+    if not progress:
+        return steps
+    from tqdm import tqdm
+
+    return tqdm(steps, desc=f"{what} {stop - start} frames", unit="batch", leave=False, delay=1.0, dynamic_ncols=True)
+
+
 def pad_frames(frames: np.ndarray, multiple: int) -> np.ndarray:
     """Repeat the last frame until the count is a multiple of `multiple` (at least one multiple)."""
     t = len(frames)
@@ -124,8 +134,9 @@ class VisionTokenizer:
         """media.read_video with frames resized to this tokenizer's smart_resize target."""
         return media.read_video(path, resize=self.processor.target_size, **kwargs)
 
-    def encode_video(self, frames: np.ndarray, mode: str = "chunks") -> torch.Tensor:
-        """(T, H, W, 3) uint8 frames at model resolution -> (ceil(T/4), h, w) codes."""
+    def encode_video(self, frames: np.ndarray, mode: str = "chunks", progress: bool = False) -> torch.Tensor:
+        """(T, H, W, 3) uint8 frames at model resolution -> (ceil(T/4), h, w) codes. `progress`: a bar over
+        the frame batches on stderr, shown when it takes more than a second."""
         if mode not in MODES:
             raise InputError(f"unknown video mode {mode!r}; choose one of {', '.join(MODES)}")
         frames = np.asarray(frames)
@@ -138,16 +149,16 @@ class VisionTokenizer:
         if mode == "chunks":  # independent clips of f frames, about fb frames per forward
             step = max(1, fb // f) * f
             codes = [model.encode(to_pixels(frames[i:i + step]).unflatten(0, (-1, f)))  # (clips, 1, h, w)
-                     for i in range(0, len(frames), step)]
+                     for i in _steps(0, len(frames), step, "encode", progress)]
             return torch.cat(codes)[:, 0].cpu()
         with model.inference():  # one causal clip: the 2D encoder streams, the temporal layers see all
             z = torch.cat([model.encode_frames(to_pixels(frames[i:i + fb]))
-                           for i in range(0, len(frames), fb)])  # (T, C, h, w)
+                           for i in _steps(0, len(frames), fb, "encode", progress)])  # (T, C, h, w)
             latents = model.encode_temporal(z.transpose(0, 1)[None])  # (1, C, T', h, w)
             return model.quantize(latents)[0].cpu()  # (T', h, w)
 
     def decode_video(self, codes: torch.Tensor | np.ndarray, mode: str = "chunks",
-                     num_frames: int | None = None) -> np.ndarray:
+                     num_frames: int | None = None, progress: bool = False) -> np.ndarray:
         """(T', h, w) codes -> (4T', H, W, 3) uint8 frames (trimmed to num_frames if given)."""
         if mode not in MODES:
             raise InputError(f"unknown video mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -159,13 +170,13 @@ class VisionTokenizer:
         if mode == "chunks":  # each latent frame is its own clip
             step = max(1, fb // f)
             frames = np.concatenate([to_uint8(model.decode(codes[i:i + step, None], frame_batch=fb).flatten(0, 1))
-                                     for i in range(0, len(codes), step)])  # (clips * f, H, W, 3) per step
+                                     for i in _steps(0, len(codes), step, "decode", progress)])  # (clips * f, H, W, 3)
         else:
             with model.inference():
                 z, zq = model.decode_temporal(model.embed_codes(codes.long()[None]))  # (1, C, 4T', h, w) each
                 z, zq = z[0].transpose(0, 1), zq[0].transpose(0, 1)  # (4T', C, h, w)
                 frames = np.concatenate([to_uint8(model.decode_frames(z[i:i + fb], zq[i:i + fb]))
-                                         for i in range(0, len(z), fb)])
+                                         for i in _steps(0, len(z), fb, "decode", progress)])
         if num_frames is not None:
             if not 0 < num_frames <= len(frames):
                 raise InputError(f"num_frames must be in [1, {len(frames)}] for {len(codes)} latent frames, "
