@@ -56,21 +56,29 @@ def test_the_probe_counts_other_processes_only(monkeypatch):
 
 
 def test_the_probe_sees_another_busy_process():
-    """On the real /proc: a spinning process adds about a core, up to what the machine has (the test may run
-    beside other work, so the first reading need not be zero)."""
+    """On the real /proc: a spinning process adds about a core, up to what the machine has. The test may run
+    beside other work that comes and goes (CI's first reading was once 0.73 cores from a transient), so the
+    quiet reading is the lower of one before and one after, and a noisy attempt is retried twice."""
     import subprocess
     import sys
     import time
 
-    before = threads.busy_elsewhere(0.3)
-    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        time.sleep(0.5)
-        during = threads.busy_elsewhere(0.3)
-    finally:
-        spin.kill()
-        spin.wait()
-    assert during >= min(before + 0.6, threads.cores() - 0.3), (before, during)
+    seen = []
+    for _ in range(3):
+        before = threads.busy_elsewhere(0.3)
+        spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            time.sleep(0.5)
+            during = threads.busy_elsewhere(0.3)
+        finally:
+            spin.kill()
+            spin.wait()
+        after = threads.busy_elsewhere(0.3)
+        quiet = min(before, after)
+        seen.append((before, during, after))
+        if during >= min(quiet + 0.6, threads.cores() - 0.3):
+            return
+    raise AssertionError(f"the probe did not see a spinning process: (before, during, after) = {seen}")
 
 
 def test_work_sizes():
