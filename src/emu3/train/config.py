@@ -172,6 +172,8 @@ STAGES["demo-5"] = {**STAGES["demo-4"], "steps": 1200}
 # Part 6: 1,200 steps with twice the clips and a larger video share (emu3.world.recipe MIX_VIDEO), extension
 # samples given 1 .. T-1 latent frames: part 5's extended videos drifted from the physics frame by frame.
 STAGES["demo-6"] = {**STAGES["demo-5"], "extension_context": "random"}
+# Part 7: 1,200 steps with the QA share on questions that do not give their answer away (MIX_BALANCED).
+STAGES["demo-7"] = dict(STAGES["demo-6"])
 # The built-in VLA policy (emu3.world.recipe.build_vla_demo sets its data): expert demonstrations of the
 # table-top task as one-frame windows; vision weighs 0.5 and actions 1.0, as in the paper. Then
 # `vla-dagger`: from its weights (recipe sets model=), demonstrations and DAgger records together.

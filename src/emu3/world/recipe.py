@@ -10,7 +10,8 @@
    on, the QA share is the `reasoned` dataset (built then): the same questions, answered by first naming
    the scene's objects from left to right ("red circle: one, blue square: one, green circle: two, so
    two"); part 6 adds 16,000 clips (built then), weighs videos 0.25 instead of 0.12 and extends clips
-   from 1-3 latent frames (`demo-6`).
+   from 1-3 latent frames (`demo-6`); part 7 (`demo-7`) trains on reasoned QA over 50,000 new scenes
+   from the question generator that gives no answer away (built then).
 5. export (16-bit floats), `emu3_defaults.json`, `RECIPE.json` (every setting and seed), evaluation.
 
 Every stage leaves its output under OUT and is skipped when it is already there, so a stopped run
@@ -30,11 +31,15 @@ import torch
 
 MIX = {"images": 0.55, "qa": 0.25, "videos": 0.12, "stories": 0.08}
 COUNTS = {"images": 100_000, "qa": 50_000, "videos": 8000, "stories": 6000, "reasoned": 50_000,
-          "more_videos": 16_000}
+          "more_videos": 16_000, "balanced": 50_000}
 # from part 5 (`demo-5`) on: the QA share answers with reasons (emu3.world.scenes.questions, reasons=True)
 MIX_REASONED = {("reasoned" if k == "qa" else k): w for k, w in MIX.items()}
 # part 6 (`demo-6`): clips 8,000-23,999 join the first 8,000 (data/more/videos) and the video share grows
 MIX_VIDEO = {"images": 0.45, "reasoned": 0.22, "videos": 0.08, "more/videos": 0.17, "stories": 0.08}
+# part 7 (`demo-7`): reasoned QA on 50,000 new scenes (records 50,000-99,999) from the question generator that
+# gives no answer away (relation questions in both orders of a pair, existence half present): parts 1-6 had
+# learnt that "left of" / "above" meant yes, so relation answers stayed at the blind rule's level
+MIX_BALANCED = {"images": 0.42, "balanced/reasoned": 0.27, "videos": 0.07, "more/videos": 0.16, "stories": 0.08}
 BPE_SIZE = 768
 
 
@@ -49,10 +54,14 @@ class Part:
 
 
 # the datasets a later part adds: COUNTS key -> (folder under OUT/data, the stage's name)
-ADDED = {"reasoned": ("reasoned", "reasoned QA dataset"), "more_videos": ("more/videos", "more video clips")}
+ADDED = {"reasoned": ("reasoned", "reasoned QA dataset"), "more_videos": ("more/videos", "more video clips"),
+         "balanced": ("balanced/reasoned", "balanced reasoned QA dataset")}
 PARTS = (Part("demo", MIX), Part("demo-2", MIX), Part("demo-2", MIX), Part("demo-4", MIX),
-         Part("demo-5", MIX_REASONED, adds="reasoned"), Part("demo-6", MIX_VIDEO, adds="more_videos"))
-DEMO_PARTS = len(PARTS)  # `emu3 build-demo --parts N`: parts past these repeat the last row
+         Part("demo-5", MIX_REASONED, adds="reasoned"), Part("demo-6", MIX_VIDEO, adds="more_videos"),
+         Part("demo-7", MIX_BALANCED, adds="balanced"))
+# `emu3 build-demo` runs the parts of the shipped model (6); `--parts 7` adds the part now being trained, and
+# parts past len(PARTS) repeat the last row
+DEMO_PARTS = 6
 # video_top_k 1: part 6 extends videos greedily, 0.50 / 0.53 of objects placed on two clip sets where top-k 16 has
 # 0.44 / 0.48 (README, "The built-in model")
 DEFAULTS = {"positive_suffix": "", "negative_prompt": "", "cfg_scale": 3.0, "image_top_k": 16,
@@ -150,12 +159,16 @@ def _data(out: Path, mix: dict, counts: dict) -> str:
 
 
 def _build_added(out: Path, vision, text, key: str, counts: dict, seed: int, progress: bool) -> None:
-    """The dataset a later part adds: the QA answered with reasons, or clips the first datasets did not
-    draw (records videos .. videos + more_videos - 1 of the same seeded stream)."""
+    """The dataset a later part adds: the QA answered with reasons, the same over the scenes after those
+    (records reasoned .. reasoned + balanced - 1), or clips the first datasets did not draw (records videos
+    .. videos + more_videos - 1 of the same seeded stream)."""
     from .build import build
 
     if key == "reasoned":
         build(out / "data", vision, text, {"reasoned": counts["reasoned"]}, seed, progress=progress)
+    elif key == "balanced":  # new scenes: the records after the first reasoned dataset's
+        build(out / "data" / "balanced", vision, text, {"reasoned": counts["balanced"]}, seed, progress=progress,
+              first=counts["reasoned"])
     else:
         build(out / "data" / "more", vision, text, {"videos": counts["more_videos"]}, seed, progress=progress,
               first=counts["videos"])

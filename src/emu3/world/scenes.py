@@ -175,6 +175,11 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
 def questions(scene: Scene, rng: np.random.Generator, k: int = 1, reasons: bool = False) -> list[tuple[str, str]]:
     """k (question, one-word answer) pairs: count, colour, existence, relation, position.
 
+    No question's wording tells its answer (tests/test_world.py checks it on thousands of questions): an
+    existence question asks about a present and an absent object equally often; a relation question is
+    asked in both orders of a pair (so "left of" is as often yes as no); a count question asks, with equal
+    chance, for each count the scene has (not mostly for a kind that is absent, as asking per kind would).
+
     With `reasons`, the same questions (the same draws from rng) answered the way the built-in model does
     from part 5 on: count, colour and existence answers first go through the scene's objects one by one
     from left to right, naming each by colour and kind, and end in the one-word answer after ", so "
@@ -184,7 +189,6 @@ def questions(scene: Scene, rng: np.random.Generator, k: int = 1, reasons: bool 
     last ("red circle, blue triangle, so no"). So every step looks only at the image, the question and the
     words just written. Relation and side answers stay one word."""
     pool = []
-    kinds = {s.kind for s in scene.shapes}
     scan = sorted(scene.shapes, key=lambda s: s.x)
 
     def until(hit) -> str | None:  # objects from the left up to the first hit, or all of them
@@ -193,33 +197,35 @@ def questions(scene: Scene, rng: np.random.Generator, k: int = 1, reasons: bool 
         upto = next((i + 1 for i, s in enumerate(scan) if hit(s)), len(scan))
         return ", ".join(s.phrase() for s in scan[:upto])
 
-    for kind in SHAPES:
-        tally = np.cumsum([s.kind == kind for s in scan])
-        why = ", ".join(f"{s.phrase()}: {NUMBERS.get(int(n), 'zero')}" for s, n in zip(scan, tally)) if reasons \
-            else None
-        n = int(tally[-1]) if len(scan) else 0  # an empty scene: zero, answered in one word
-        pool.append((f"how many {plural(kind, 2)} are there", NUMBERS.get(n, "zero"), why))
-    for kind in kinds:
+    counts = {kind: int(sum(s.kind == kind for s in scan)) for kind in SHAPES}
+    values = sorted(set(counts.values()))  # a count question: each answer this scene has, equally often
+    value = values[int(rng.integers(len(values)))]
+    asked = [kind for kind in SHAPES if counts[kind] == value]
+    kind = asked[int(rng.integers(len(asked)))]
+    tally = np.cumsum([s.kind == kind for s in scan])
+    why = ", ".join(f"{s.phrase()}: {NUMBERS.get(int(n), 'zero')}" for s, n in zip(scan, tally)) if reasons \
+        else None
+    pool.append((f"how many {plural(kind, 2)} are there", NUMBERS.get(value, "zero"), why))
+    for kind in SHAPES:  # in a fixed order: a set's order changes with PYTHONHASHSEED, and the draws with it
         same = [s for s in scene.shapes if s.kind == kind]
         if len(same) == 1:
             pool.append((f"what color is the {kind}", same[0].color, until(lambda s, k=kind: s.kind == k)))
-    for _ in range(2):
-        color, kind = list(COLORS)[int(rng.integers(len(COLORS)))], SHAPES[int(rng.integers(len(SHAPES)))]
-        present = any(s.color == color and s.kind == kind for s in scene.shapes)
-        if rng.random() < 0.5 and scene.shapes:  # ask about a present object half of the time
-            s = scene.shapes[int(rng.integers(len(scene.shapes)))]
-            color, kind, present = s.color, s.kind, True
-        pool.append((f"is there {article(color)} {color} {kind}", "yes" if present else "no",
+    present = sorted({(s.color, s.kind) for s in scene.shapes})
+    absent = [(c, k) for c in COLORS for k in SHAPES if (c, k) not in present]
+    for _ in range(2):  # existence: yes and no equally often, whatever the scene
+        ask_present = bool(present) and rng.random() < 0.5
+        choices = present if ask_present else absent
+        color, kind = choices[int(rng.integers(len(choices)))]
+        pool.append((f"is there {article(color)} {color} {kind}", "yes" if ask_present else "no",
                      until(lambda s, c=color, k=kind: (s.color, s.kind) == (c, k))))
     unique = [s for s in scene.shapes if sum(o.color == s.color and o.kind == s.kind for o in scene.shapes) == 1]
+    opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
     for a in unique:
         for b in unique:
-            if a is not b:
-                rel = relation(a, b)
-                if rel in ("left of", "above"):
-                    pool.append((f"is the {a.phrase()} {rel} the {b.phrase()}", "yes", None))
-                    other = {"left of": "right of", "above": "below"}[rel]
-                    pool.append((f"is the {a.phrase()} {other} the {b.phrase()}", "no", None))
+            if a is not b and (rel := relation(a, b)) is not None:
+                # both orders of every pair: each phrasing is asked as often with yes as with no
+                pool.append((f"is the {a.phrase()} {rel} the {b.phrase()}", "yes", None))
+                pool.append((f"is the {a.phrase()} {opposite[rel]} the {b.phrase()}", "no", None))
         side = "left" if a.x < SIZE / 2 else "right"
         if abs(a.x - SIZE / 2) > 6:
             pool.append((f"is the {a.phrase()} on the left or on the right", side, None))
