@@ -7,15 +7,26 @@ negative prompt, with its own cache) and PrefixConstrainedLogitsProcessor with E
 same settings (CFG as one doubled batch, template constraint, visual-only head). Greedy runs of both
 are compared token by token first, so the two really compute the same thing.
 
-The small model uses Emu3's real vocabulary (184,622 ids: Qwen's BPE, shipped by the dev extra
-`dashscope`, + 211 control + 32,768 visual ids), so the output head costs what it costs in Emu3.
-Decoding on a CPU is bound by reading the weights; the script prints the bytes each method reads
-per generated token.
+Both models use Emu3's real vocabulary (184,622 ids: Qwen's BPE, shipped by the dev extra `dashscope`,
++ 211 control + 32,768 visual ids). Decoding one token at a time is bound by reading the weights, so
+what a method skips matters in proportion to its share of the bytes:
+
+- "8b" (the default, first): the released 8B's proportions scaled down. Width 512 with the 8B's GQA
+  ratio (4 query heads per key/value head), MLP ratio (14336 / 4096) and vocabulary, and as many
+  decoder blocks as it takes for the output head to weigh what it weighs in the 8B against its blocks
+  (0.76B head against 6.98B in blocks: 9.8 % of the weights): 256 blocks of 512, about 1B parameters.
+- "head-heavy": the earlier 8-block model of width 512, whose head is about 80 % of the bytes, so
+  skipping most of it flatters a visual-only head; kept as the second row to show how much.
+
+For each, the bytes each method reads per generated token give the speed-up a bandwidth-bound decoder
+could reach (official: two passes over blocks and the full head; emu3: one pass for both CFG rows over
+the blocks and the 32,768-id visual head), printed beside the measured one.
 
 Also prints the KV-cache bytes per token and the memory of one 720x720 image with CFG for the
 released 8B configuration (computed), checked against the cache actually allocated in the small run.
 
-    python benchmarks/bench_generate.py              # about 5 minutes on 2 CPU cores
+    python benchmarks/bench_generate.py              # about 15 minutes on 2 CPU cores
+    python benchmarks/bench_generate.py --shapes head-heavy --grid 32 --batches 1 8   # the earlier table
 """
 
 from __future__ import annotations
@@ -48,38 +59,80 @@ def released_text_tokenizer() -> TextTokenizer:
     return TextTokenizer(ranks, 32768)
 
 
+SHAPES = {  # hidden, intermediate, heads, key/value heads, blocks (None: the 8B's head-to-blocks ratio)
+    "8b": (512, 1792, 8, 2, None),
+    "head-heavy": (512, 1408, 8, 2, 8),
+}
+
+
+def shape_config(name: str, vocab):
+    """A model config of the named proportions over the real vocabulary."""
+    hidden, inter, heads, kv, blocks = SHAPES[name]
+    if blocks is None:
+        big = model_config("emu3-8b")
+        ratio = head_params(big) / block_params(big)
+        blocks = round(head_params(model_config("tiny", vocab, hidden_size=hidden)) / ratio /
+                       block_params(model_config("tiny", vocab, hidden_size=hidden, intermediate_size=inter,
+                                                 num_attention_heads=heads, num_key_value_heads=kv,
+                                                 num_hidden_layers=1)))
+    return model_config("tiny", vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=blocks,
+                        num_attention_heads=heads, num_key_value_heads=kv, attention_dropout=0.0)
+
+
+def block_params(c) -> int:
+    """Weights of the decoder blocks: attention (q, o full; k, v per key/value head) + SwiGLU + 2 norms."""
+    kv = c.hidden_size // c.num_attention_heads * c.num_key_value_heads
+    return c.num_hidden_layers * (2 * c.hidden_size ** 2 + 2 * c.hidden_size * kv
+                                  + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size)
+
+
+def head_params(c) -> int:
+    return c.vocab_size * c.hidden_size
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--grid", type=int, default=32, help="h = w of the generated code grid")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--grid", type=int, default=12, help="h = w of the generated code grid")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     args = ap.parse_args()
     import transformers
+
+    tok = released_text_tokenizer()
+    print(f"# emu3 engine vs transformers {transformers.__version__} generate + official processors; torch "
+          f"{torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads")
+    print("| model | batch | official (s) | official images/min | emu3 (s) | emu3 images/min | speed-up "
+          "| bytes-read bound |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.shapes:
+        run_shape(name, tok, args.grid, args.batches)
+    footnote(tok)
+
+
+def run_shape(name: str, tok, grid: int, batches: list[int]) -> None:
     from transformers import LogitsProcessorList, PrefixConstrainedLogitsProcessor
     from transformers.generation.logits_process import UnbatchedClassifierFreeGuidanceLogitsProcessor
 
     torch.manual_seed(0)
-    tok = released_text_tokenizer()
     v = tok.vocab
-    cfg = model_config("tiny", v, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                       num_attention_heads=8, num_key_value_heads=2, attention_dropout=0.0)
+    cfg = shape_config(name, v)
     model = Emu3LM(cfg)
     model.init_weights(torch.Generator().manual_seed(0))
     model.eval()
     ref = llama(model)
     fmt = Formatter(tok)
-    h = w = args.grid
+    h = w = grid
     steps = h * (w + 1) + 3
     negative = fmt.negative_prompt((h, w), "low quality")
-    prompts = [f"a red circle above {i} blue squares" for i in range(max(args.batches))]
+    prompts = [f"a red circle above {i} blue squares" for i in range(max(batches))]
     body = sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.layers"))
-    print(f"# emu3 engine vs transformers {transformers.__version__} generate + official processors; torch "
-          f"{torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads")
     head, visual_head = cfg.vocab_size * cfg.hidden_size, v.codebook_size * cfg.hidden_size
-    print(f"# model: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters (decoder blocks "
-          f"{body / 1e6:.0f}M, head {head / 1e6:.0f}M over {cfg.vocab_size} ids), "
-          f"{h}x{w} grid = {steps} generated tokens per image, CFG 3.0, top_k 2048")
-    print(f"# fp32 weight bytes read per generated token: official {2 * 4 * (body + head) / 1e6:.0f} MB "
-          f"(two passes, full head), emu3 {4 * (body + visual_head) / 1e6:.0f} MB (one pass, visual head)")
+    official_bytes, our_bytes = 2 * 4 * (body + head), 4 * (body + visual_head)
+    print(f"# {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters ({cfg.num_hidden_layers} "
+          f"blocks of {cfg.hidden_size}: {body / 1e6:.0f}M; head {head / 1e6:.0f}M over {cfg.vocab_size} ids = "
+          f"{head / (body + head):.1%} of the weights), {h}x{w} grid = {steps} generated tokens per image, CFG 3.0, "
+          f"top_k 2048; fp32 bytes read per token: official {official_bytes / 1e6:.0f} MB (two passes, full "
+          f"head), emu3 {our_bytes / 1e6:.0f} MB (one pass, visual head)", flush=True)
 
     def official(batch, sample: bool):
         rows = [fmt.generation_prompt(p, (h, w)) for p in prompts[:batch]]
@@ -101,22 +154,27 @@ def main() -> None:
         return Engine(model, v).generate(reqs)
 
     with torch.no_grad():
-        a, b = official(1, False), ours(1, False)
-        same = a[0].tolist()[:len(b[0].tokens)] == b[0].tokens.tolist()
-        print(f"# greedy check: identical tokens = {same}")
+        a, b = official(1, False)[0].tolist(), ours(1, False)[0].tokens.tolist()
+        while a and a[-1] == v.pad:  # generate pads a finished row to the batch's length
+            a.pop()
+        same = a == b
+        print(f"# {name} greedy check: whole sequences identical = {same} ({len(a)} and {len(b)} tokens)", flush=True)
         assert same, "greedy tokens differ from the official recipe"
-        print("| batch | official (s) | official images/min | emu3 (s) | emu3 images/min | speed-up |")
-        print("|---|---|---|---|---|---|")
-        for batch in args.batches:
+        for batch in batches:
             t0 = time.perf_counter()
             official(batch, True)
             t_ref = time.perf_counter() - t0
             t0 = time.perf_counter()
             ours(batch, True)
             t_ours = time.perf_counter() - t0
-            print(f"| {batch} | {t_ref:.1f} | {60 * batch / t_ref:.1f} | {t_ours:.1f} | {60 * batch / t_ours:.1f} | "
-                  f"{t_ref / t_ours:.2f}x |", flush=True)
+            print(f"| {name} | {batch} | {t_ref:.1f} | {60 * batch / t_ref:.1f} | {t_ours:.1f} | "
+                  f"{60 * batch / t_ours:.1f} | {t_ref / t_ours:.2f}x | {official_bytes / our_bytes:.2f}x |",
+                  flush=True)
 
+
+def footnote(tok) -> None:
+    fmt = Formatter(tok)
+    cfg = model_config("tiny", tok.vocab)
     big = model_config("emu3-8b")
     per_token = KVCache.bytes_per_token(big, torch.bfloat16)
     with torch.device("meta"):
