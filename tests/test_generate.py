@@ -47,9 +47,11 @@ def test_greedy_tokens_equal_the_official_recipe(lm, fmt, cfg_scale):
         processors.insert(0, UnbatchedClassifierFreeGuidanceLogitsProcessor(cfg_scale, ref, negative))
     out = ref.generate(ids, attention_mask=mask, logits_processor=processors, do_sample=False,
                        max_new_tokens=h * (w + 1) + 3, eos_token_id=v.eos, pad_token_id=v.pad)
-    for mine, theirs in zip(ours, out[:, length:]):
+    for mine, theirs in zip(ours, out[:, length:].tolist()):
         assert mine.finished
-        assert mine.tokens.tolist() == theirs.tolist()[:len(mine.tokens)]
+        theirs = theirs[:theirs.index(v.eos) + 1] if v.eos in theirs else theirs  # the rest is padding
+        assert theirs[-1] == v.eos, "the official run stopped before the image's end"
+        assert mine.tokens.tolist() == theirs  # whole sequences: the same tokens and the same length
 
 
 def test_guided_distribution_equals_the_two_pass_method(lm, fmt):

@@ -142,14 +142,17 @@ def test_reasoned_answers_scan_the_scene_from_the_left():
 
 def test_video_scoring_on_true_and_still_frames():
     """The video evaluator's yardsticks: the world's own frames place nearly every object, holding the
-    4th frame still places only those that barely moved."""
+    4th frame still places only those that barely moved, and one constant clip answered for every prompt
+    (another clip's frames) places almost nothing."""
     rng = np.random.default_rng(30_000)
-    truth, still, any_kind, kind = [], [], [], []
+    constant_clip = sample_clip(rng).render()
+    truth, still, constant, any_kind, kind = [], [], [], [], []
     for _ in range(6):
         clip = sample_clip(rng)
         frames = clip.render()
         truth += bench.placement(clip, frames, 4.0)[:, 0].tolist()
         still += bench.placement(clip, bench.held_still(frames), 4.0)[:, 0].tolist()
+        constant += bench.placement(clip, constant_clip, 4.0)[:, 1].tolist()  # any kind: the looser count
         # any kind: a shape that the detector reads as another kind still counts (and never fewer)
         blurred = frames.copy()
         blurred[4:] = [np.asarray(Image.fromarray(f).filter(ImageFilter.BoxBlur(3))) for f in frames[4:]]
@@ -157,7 +160,7 @@ def test_video_scoring_on_true_and_still_frames():
         assert both[:, 1][both[:, 0]].all()
         any_kind += both[:, 1].tolist()
         kind += both[:, 0].tolist()
-    assert len(truth) >= 12 * 6 and np.mean(truth) >= 0.9 and np.mean(still) < 0.6
+    assert len(truth) >= 12 * 6 and np.mean(truth) >= 0.9 and np.mean(still) < 0.6 and np.mean(constant) < 0.1
     assert np.mean(any_kind) > np.mean(kind)
 
 
@@ -313,7 +316,8 @@ def test_caption_scoring_counts_objects_named_by_colour_and_kind():
 
 def test_inpainting_scoring_with_a_perfect_inpainter():
     """Handing back the scene itself scores (nearly) every scene right; erasing the inside loses the
-    objects that lay there, so the border-only yardstick is lower."""
+    objects that lay there, so the border-only yardstick is lower; one fixed scene for every prompt
+    scores (nearly) nothing."""
     from types import SimpleNamespace
 
     from emu3.vision import VisionTokenizer
@@ -322,6 +326,10 @@ def test_inpainting_scoring_with_a_perfect_inpainter():
     fake.inpaint = lambda image, text, rings, seed: SimpleNamespace(pixels=image)
     r = bench.eval_inpainting(fake, n=24)
     assert r["accuracy"] >= 0.9 and r["border_only"] < r["accuracy"] - 0.2 and r["scenes"] == 24
+    # a constant answer (one fixed scene, whatever the prompt) fails the exact object check
+    fixed = render(sample_scene(np.random.default_rng(5), 3))
+    fake.inpaint = lambda image, text, rings, seed: SimpleNamespace(pixels=fixed)
+    assert bench.eval_inpainting(fake, n=24)["accuracy"] <= 0.1
 
 
 def test_inpainting_is_evaluated_for_a_spiral_model(tmp_path, world_model, capsys):
