@@ -25,6 +25,7 @@ import statistics
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import torch
@@ -78,13 +79,13 @@ def main() -> None:
     ap.add_argument("--prompt", default="two red circles above a blue square")
     args = ap.parse_args()
 
-    from emu3.assets import builtin_model
+    from emu3.checkpoint import model_folder
     from emu3.pipeline import Emu3
-    from emu3.server import ServerProcess
 
-    model = args.model or builtin_model()
-    if model is None:
-        sys.exit("no model: pass --model DIR (the built-in model is not installed)")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.harness
+    from tests.harness import ServerProcess
+
+    model = model_folder(args.model)  # default: the built-in model
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}")
     print(f"# model: {model}")
 

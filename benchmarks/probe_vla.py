@@ -24,7 +24,7 @@ from emu3.world.table import record
 
 
 def probe(policy: Policy, seeds, per_episode: int = 4, history: int = 0) -> dict:
-    vt, chunk = policy.emu._need_vision(), policy.fast.config.time_horizon
+    vt, chunk = policy.emu.require_vision(), policy.fast.config.time_horizon
     agree: dict[str, list[bool]] = {"dx": [], "dy": [], "grip": []}
     err = []
     for seed in seeds:

@@ -1,4 +1,4 @@
-"""Redraw the README's screenshots of the built-in model: docs/demo.png (the top of `emu3 demo`'s page)
+"""Redraw the README's screenshots of the built-in model: docs/report.png (the top of `emu3 report`'s page)
 and docs/serve.png (`emu3 serve`'s web page after one prompt and one question).
 
     pip install -e ".[dev]" && apt-get install chromium   # playwright drives Debian's chromium
@@ -27,8 +27,10 @@ PROMPT, QUESTION = "two red circles above a blue square", "how many circles are 
 def main() -> None:
     from playwright.sync_api import sync_playwright
 
-    from emu3.server import ServerProcess
     from emu3.world.scenes import render, sample_scene
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.harness
+    from tests.harness import ServerProcess
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="model folder (default: the built-in model)")
@@ -39,7 +41,7 @@ def main() -> None:
         sys.exit("no chromium on this machine (apt-get install chromium)")
     with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
         tmp = Path(tmp)
-        subprocess.run(["emu3", "demo", "-o", str(tmp / "report"), *model], check=True)
+        subprocess.run(["emu3", "report", "-o", str(tmp / "report"), *model], check=True)
         ask = tmp / "ask.png"
         Image.fromarray(render(sample_scene(np.random.default_rng(7)))).resize((256, 256), Image.NEAREST).save(ask)
         with ServerProcess(model) as server:
@@ -48,7 +50,7 @@ def main() -> None:
                 page = browser.new_page(viewport={"width": 1280, "height": 1700})
                 page.goto((tmp / "report" / "index.html").as_uri())
                 page.wait_for_load_state("load")
-                page.screenshot(path=str(DOCS / "demo.png"))
+                page.screenshot(path=str(DOCS / "report.png"))
 
                 page = browser.new_page(viewport={"width": 1160, "height": 560})
                 page.goto(server.url + "/")
@@ -65,7 +67,7 @@ def main() -> None:
                 page.screenshot(path=str(DOCS / "serve.png"))
             finally:
                 browser.close()
-    print("wrote", DOCS / "demo.png", DOCS / "serve.png")
+    print("wrote", DOCS / "report.png", DOCS / "serve.png")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from emu3.pipeline import Emu3
 from tests.conftest import scene, write_video_file
 
 uvicorn = pytest.importorskip("uvicorn")
-from emu3.server import ServeConfig, ServerProcess, create_app, free_port  # noqa: E402
+from emu3.server import ServeConfig, create_app  # noqa: E402
+from tests.harness import ServerProcess, free_port  # noqa: E402
 
 
 class Running:

@@ -112,15 +112,15 @@ def test_demonstrations_become_vla_training_rows(tmp_path):
     from emu3.format import Formatter
     from emu3.tokenizer import TextTokenizer
     from emu3.vision import VisionTokenizer
-    from emu3.world.build import build_vla, vla_windows
+    from emu3.world.build import build_demonstrations, vla_windows
 
     eps = [record(s) for s in range(20)]
     chunks = np.stack([c for e in eps for frames in vla_windows(e, 5, 2) for _, c in frames])  # (N, 5, 3)
     fast = FASTTokenizer.fit(chunks, scale=10, vocab_size=128)
     text = TextTokenizer.train([e.instruction for e in eps] * 3, 300, 1024, min_frequency=1, reserved=128)
     acts = ActionIds(text.vocab.text_size, 128)
-    n = build_vla(tmp_path / "vla", VisionTokenizer.from_preset("demo"), text, fast, acts, episodes=2, window=2,
-                  progress=False)
+    n = build_demonstrations(tmp_path / "vla", VisionTokenizer.from_preset("demo"), text, fast, acts, episodes=2,
+                             window=2, progress=False)
     ds = TokenDataset(tmp_path / "vla")
     assert len(ds) == n == len(eps[0].actions) + len(eps[1].actions)  # a window per step
     r = ds[0]

@@ -17,6 +17,8 @@ import torch
 
 from emu3.checkpoint import load_model
 from emu3.errors import InputError
+from emu3.recipes import STAGES as RECIPE_STAGES
+from emu3.recipes import all_stages
 from emu3.train import state
 from emu3.train.config import STAGES, TrainConfig, make_config
 from emu3.train.loss import dpo_loss, sequence_logprobs
@@ -60,6 +62,11 @@ def test_config_errors_name_the_problem():
         make_config("tiny-stage1", ["data=x", "keep_last=0"]).validate()
     for name in STAGES:  # every preset is a valid config once given data
         make_config(name, ["data=x"]).validate()
+    for name in RECIPE_STAGES:  # the recipes' presets too, which the paper's list leaves out
+        assert name not in STAGES
+        make_config(name, ["data=x"], stages=all_stages()).validate()
+    with pytest.raises(InputError, match="unknown training preset 'demo-7'"):
+        make_config("demo-7")
 
 
 def test_impossible_context_fails_at_start(token_dataset, dataset_inputs, tmp_path):

@@ -1,4 +1,4 @@
-"""The shapes world, its exact detector, evaluators, dataset builder and demo report."""
+"""The shapes world, its exact detector, evaluators, dataset builder and HTML report."""
 
 from __future__ import annotations
 
@@ -276,8 +276,8 @@ def world_model(tmp_path_factory):
 
 def test_evaluators_and_report_run_end_to_end(tmp_path, world_model):
     """On a tiny random model: every evaluator returns its figures, the report is one HTML file."""
-    from emu3.demo import build_report
     from emu3.pipeline import Emu3
+    from emu3.report import build_report
 
     emu = Emu3.from_pretrained(world_model)
     results = bench.evaluate(emu, generation=1, understanding=2, video=1, tokenizer=4)
@@ -348,15 +348,15 @@ def test_inpainting_is_evaluated_for_a_spiral_model(tmp_path, world_model, capsy
     r = bench.evaluate(Emu3.from_pretrained(spiral), generation=0, understanding=0, video=0, tokenizer=0,
                        inpainting=2)
     assert set(r) == {"inpainting"} and 0 <= r["inpainting"]["accuracy"] <= 1 and r["inpainting"]["rings"] == 2
-    # the demo page shows a spiral model's inpainting: original, kept border, the model's inside, its verdict
-    from emu3.demo import inpainting_section
+    # the report shows a spiral model's inpainting: original, kept border, the model's inside, its verdict
+    from emu3.report import inpainting_section
 
     section = inpainting_section(Emu3.from_pretrained(spiral), np.random.default_rng(0), seed=0, scenes=2)
     assert section.count("kept: the outer 2 rings of codes") == 2 and section.count("<img") == 6
     assert section.count('class="ok"') + section.count('class="no"') == 2
 
 
-def test_eval_and_demo_commands(tmp_path, world_model, capsys):
+def test_eval_and_report_commands(tmp_path, world_model, capsys):
     from emu3.cli import main
 
     assert main(["eval", "--model", str(world_model), "--generation", "1", "--understanding", "2", "--video", "1",
@@ -371,8 +371,8 @@ def test_eval_and_demo_commands(tmp_path, world_model, capsys):
     assert main(["eval", "--model", str(world_model), "--generation", "1", "--understanding", "0", "--video", "0",
                  "--tokenizer-images", "0", "--cfg", "-1"]) == 2
     assert "argument --cfg: expected a number >= 0, got '-1'" in capsys.readouterr().err
-    assert main(["demo", "--model", str(world_model), "-o", str(tmp_path / "report")]) == 0
-    assert "demo: evaluation" in capsys.readouterr().err
+    assert main(["report", "--model", str(world_model), "-o", str(tmp_path / "report")]) == 0
+    assert "report: evaluation" in capsys.readouterr().err
     page = (tmp_path / "report" / "index.html").read_text()
     assert page.startswith("<!doctype html>") and "<h2>Inpainting" not in page  # a raster model cannot keep a border
 
@@ -422,7 +422,7 @@ def test_build_demo_end_to_end_and_resumable(tmp_path):
     """The built-in model's recipe, shortened: every stage runs, the folder loads and answers, and a
     second call finds every stage done."""
     from emu3.pipeline import Emu3
-    from emu3.world.recipe import build_demo
+    from emu3.recipes import build_demo
 
     logs = []
     counts = {"images": 48, "qa": 24, "videos": 2, "stories": 2, "reasoned": 24, "more_videos": 2, "balanced": 8}
@@ -478,13 +478,13 @@ def test_build_vla_end_to_end_and_resumable(tmp_path):
     rerun skips all."""
     from emu3.action import FASTTokenizer
     from emu3.pipeline import Emu3
+    from emu3.recipes import build_vla
     from emu3.vision import VisionTokenizer
     from emu3.vla import Policy, evaluate
-    from emu3.world.recipe import build_vla_demo
 
     VisionTokenizer.from_preset("demo", seed=0).save_pretrained(tmp_path / "vq")
     logs = []
-    final = build_vla_demo(tmp_path / "b", vision=tmp_path / "vq", episodes=4, lm_steps=3, vq_steps=3,
+    final = build_vla(tmp_path / "b", vision=tmp_path / "vq", episodes=4, lm_steps=3, vq_steps=3,
                            progress=False, log=logs.append)
     recipe = json.loads((final / "RECIPE.json").read_text())
     assert recipe["lm"]["steps"] == 3 and recipe["lm"]["vision_weight"] == 0.5 and recipe["episodes"] == 4
@@ -497,14 +497,14 @@ def test_build_vla_end_to_end_and_resumable(tmp_path):
     r = evaluate(Policy(emu, fast), 2, horizon=10)
     assert r["episodes"] == 2 and 0 <= r["policy"] <= 1 and r["actions_per_s"] > 0
     logs.clear()
-    build_vla_demo(tmp_path / "b", vision=tmp_path / "vq", episodes=4, lm_steps=3, vq_steps=3, progress=False,
+    build_vla(tmp_path / "b", vision=tmp_path / "vq", episodes=4, lm_steps=3, vq_steps=3, progress=False,
                    log=logs.append)
     assert sum("done already" in line for line in logs) == 8
 
 
 def test_report_vla_section_shows_a_success_and_a_failure():
     """Any policy object (reset + call) goes in the loop; the section has a GIF per outcome and the count."""
-    from emu3.demo import vla_section
+    from emu3.report import vla_section
     from emu3.world.table import expert
 
     class Alternating:  # the expert on even episodes, a frozen gripper on odd ones

@@ -76,6 +76,11 @@ class Ticket:
     def ended_ok(self) -> bool:
         return self.status in ("finished", "length")
 
+    @property
+    def done(self) -> bool:
+        """Whether the ticket has ended, however it ended (`wait` blocks until it has)."""
+        return self._done.is_set()
+
     def want(self) -> int:
         r = self.request
         return int(r.template[len(self.tokens)]) if r.template is not None else TEXT
@@ -331,7 +336,7 @@ class Batcher:
         cols = torch.arange(width, device=e.device)
         key_mask = cols[None, :] < lens[:, None]  # (m, width)
         self.running += new
-        hidden = e._forward(ids, positions=cols.expand(m, width), key_mask=key_mask,
+        hidden = e.hidden_states(ids, positions=cols.expand(m, width), key_mask=key_mask,
                             cache=self.cache.rows(first, first + m))  # (m, width, H)
         self.hidden[first:first + m] = hidden[torch.arange(m, device=e.device), lens - 1]
         self.lengths[first:first + m] = lens
@@ -373,7 +378,7 @@ class Batcher:
         lengths = self.lengths[:n].clone()
         width = int(lengths.max()) + 1
         key_mask = torch.arange(width, device=dev)[None, :] < lengths[:, None]  # (n, width): filled columns
-        hidden = self.engine._forward(chosen[owner][:, None], positions=lengths[:, None], key_mask=key_mask,
+        hidden = self.engine.hidden_states(chosen[owner][:, None], positions=lengths[:, None], key_mask=key_mask,
                                       cache=self.cache.rows(0, n), start=lengths)  # (n, 1, H)
         self.hidden[:n] = hidden[:, -1]
         self.lengths[:n] += 1

@@ -15,6 +15,9 @@ under "text_model.model." / "text_model.lm_head.", or transformers' in-memory "m
 
 Loading is strict: the key set and every shape are compared with the model *before* a tensor is
 read, and a mismatch is one error that names the missing, unexpected and misshaped keys.
+
+Which folders a command works on is decided here too (`model_folder`, `vision_folder`): the one the
+user named, else the built-in model's, else an error that says what to pass.
 """
 
 from __future__ import annotations
@@ -28,13 +31,70 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 from .fsutil import atomic_dir, atomic_file
 from .model import Emu3LM, ModelConfig
 from .tokenizer import Vocabulary
 from .vq import VisionVQ, VQConfig
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+NO_MODEL = ("no model: this installation has no built-in model, so pass --model DIR (an Emu3 model folder: "
+            "Emu3-Gen, Emu3-Chat, Emu3-Stage1, an Emu3-*-hf folder, or one written by emu3's training)")
+NO_TOKENIZER = ("no vision tokenizer: this installation has no built-in model, so pass --tokenizer DIR (a folder "
+                "with config.json + model.safetensors: BAAI's Emu3-VisionTokenizer, an Emu3-*-hf folder, a "
+                "transformers Emu3VQVAE folder, or one made by `emu3 vq init` / `emu3 train-vq`)")
+
+# --------------------------------------------------------------------------------------------
+# Which folder: what the user named, else the built-in model
+
+
+def model_folder(folder: str | os.PathLike | None = None) -> Path:
+    """The model folder to work on: `folder`, else the built-in model's (an error when neither is there)."""
+    from .assets import builtin_model
+
+    if folder is None:
+        folder = builtin_model()
+        if folder is None:
+            raise InputError(NO_MODEL)
+    return Path(folder)
+
+
+def vision_folder(model: str | os.PathLike | None, tokenizer: str | os.PathLike | None = None) -> Path | None:
+    """Where a model folder's vision tokenizer is: `tokenizer` when given, else MODEL/vision_tokenizer/, else
+    MODEL itself when it is an -hf checkpoint (its config.json nests `vq_config`), else None. With neither
+    folder named: the built-in model's."""
+    if tokenizer is not None:
+        return Path(tokenizer)
+    if model is None:
+        from .assets import builtin_model
+
+        if builtin_model() is None:
+            raise InputError(NO_TOKENIZER)
+        model = builtin_model()
+    model = Path(model)
+    if (model / "vision_tokenizer").is_dir():
+        return model / "vision_tokenizer"
+    config = model / "config.json"
+    if config.is_file() and "vq_config" in read_json(config):
+        return model
+    return None
+
+
+def vla_folder(folder: str | os.PathLike | None = None) -> Path:
+    """A VLA policy folder (a model folder with fast_tokenizer.json): `folder`, else the built-in policy."""
+    from .assets import builtin_vla
+
+    if folder is None:
+        folder = builtin_vla()
+        if folder is None:
+            raise InputError("no VLA policy: this installation has no built-in one, so pass --model DIR (a VLA "
+                             "model folder with fast_tokenizer.json, as `emu3 build-vla` makes)")
+    folder = Path(folder)
+    if not (folder / "fast_tokenizer.json").is_file():
+        raise InputError(f"{folder} has no fast_tokenizer.json: not a VLA model folder (emu3 build-vla makes one)")
+    return folder
+
 
 # --------------------------------------------------------------------------------------------
 # Generic safetensors folders
@@ -470,3 +530,26 @@ def save_model(model: Emu3LM, folder: str | os.PathLike, tokenizer=None, vq: Vis
             if name != "vision_tokenizer":
                 write_json(tmp / name, data)
     return note
+
+
+def convert_model(folder: str | os.PathLike, dest: str | os.PathLike, layout: str = "released",
+                  tokenizer: str | os.PathLike | None = None) -> tuple[str | None, bool]:
+    """`emu3 convert`: rewrite a model folder (either layout) in `layout`, with its text tokenizer, its
+    vision tokenizer (`tokenizer`, else the folder's: `vision_folder`) and its generation defaults, at the
+    weights' own precision. Returns save_model's note (None, or what the layout could not express) and
+    whether a vision tokenizer went in."""
+    from .tokenizer import TextTokenizer
+    from .vision import VisionTokenizer
+
+    folder = Path(folder)
+    model = load_model(folder, dtype=None)
+    vision_dir = vision_folder(folder, tokenizer)
+    vision = VisionTokenizer.from_pretrained(vision_dir, dtype=None) if vision_dir else None
+    extra = {}
+    if (folder / "emu3_defaults.json").exists():
+        extra["emu3_defaults.json"] = read_json(folder / "emu3_defaults.json")
+    if vision is not None:  # the processor travels with the tokenizer in either layout
+        extra["vision_tokenizer"] = {"preprocessor_config.json": vision.processor.to_dict()}
+    note = save_model(model, dest, tokenizer=TextTokenizer.from_pretrained(folder),
+                      vq=vision.model if vision else None, layout=layout, extra_files=extra)
+    return note, vision is not None

@@ -23,11 +23,6 @@ from .vision import MODES, PRESET_PROCESSORS, VisionTokenizer
 from .vq import num_parameters
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-NO_MODEL = ("no model: this installation has no built-in model, so pass --model DIR (an Emu3 model folder: "
-            "Emu3-Gen, Emu3-Chat, Emu3-Stage1, an Emu3-*-hf folder, or one written by emu3's training)")
-NO_TOKENIZER = ("no vision tokenizer: this installation has no built-in model, so pass --tokenizer DIR (a folder "
-                "with config.json + model.safetensors: BAAI's Emu3-VisionTokenizer, an Emu3-*-hf folder, a "
-                "transformers Emu3VQVAE folder, or one made by `emu3 vq init` / `emu3 train-vq`)")
 
 
 WORLD = ("the built-in model knows only the shapes world (64x64 pictures of circles, squares and triangles in six "
@@ -73,11 +68,9 @@ def _device_dtype(args):
 
 
 def _tokenizer(args):
-    from .assets import builtin_model
+    from .checkpoint import vision_folder
 
-    folder = args.tokenizer or (builtin_model() / "vision_tokenizer" if builtin_model() else None)
-    if folder is None:
-        raise InputError(NO_TOKENIZER)
+    folder = vision_folder(None, args.tokenizer)  # --tokenizer, else the built-in model's
     device, dtype = _device_dtype(args)
     return VisionTokenizer.from_pretrained(folder, device=device, dtype=dtype, frame_batch=args.frame_batch)
 
@@ -223,14 +216,10 @@ def cmd_tokenizer_decode(args) -> None:
 
 
 def _pipeline(args, rows: int = threads.DECODE_ROWS):
-    from .assets import builtin_model
     from .pipeline import Emu3
 
-    model = args.model or builtin_model()
-    if model is None:
-        raise InputError(NO_MODEL)
     device, dtype = _device_dtype(args)
-    emu = Emu3.from_pretrained(model, args.tokenizer, device=device, dtype=dtype)
+    emu = Emu3.from_pretrained(args.model, args.tokenizer, device=device, dtype=dtype)  # None: the built-in model
     _set_threads(args, threads.lm_flops(emu.model, rows))
     return emu
 
@@ -309,7 +298,7 @@ def cmd_generate_video(args) -> None:
 def cmd_extend_video(args) -> None:
     media.check_output_suffix(args.output, "video")
     emu = _pipeline(args)
-    vision = emu._need_vision()
+    vision = emu.require_vision()
     video = vision.read_video(args.input, fps=args.fps, max_frames=args.max_frames)
     _world_note(args, args.input, *video.source_size)
     g = emu.extend_video(video.frames, args.prompt, args.frames, fps=video.fps, seed=args.seed,
@@ -331,40 +320,23 @@ def cmd_inpaint(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    from .checkpoint import load_model, save_model
+    from .checkpoint import convert_model
 
-    emu_dir = Path(args.input)
-    model = load_model(emu_dir, dtype=None)
-    tokenizer = TextTokenizer.from_pretrained(emu_dir)
-    vision_dir = args.tokenizer or (emu_dir / "vision_tokenizer" if (emu_dir / "vision_tokenizer").is_dir() else None)
-    if vision_dir is None and (emu_dir / "config.json").exists() and "vq_config" in json.loads(
-            (emu_dir / "config.json").read_text()):
-        vision_dir = emu_dir
-    vision = VisionTokenizer.from_pretrained(vision_dir, dtype=None) if vision_dir else None
-    extra = {}
-    if (emu_dir / "emu3_defaults.json").exists():
-        extra["emu3_defaults.json"] = json.loads((emu_dir / "emu3_defaults.json").read_text())
-    if vision is not None:  # the processor travels with the tokenizer in either layout
-        extra["vision_tokenizer"] = {"preprocessor_config.json": vision.processor.to_dict()}
-    note = save_model(model, args.output, tokenizer=tokenizer, vq=vision.model if vision else None,
-                      layout=args.layout, extra_files=extra)
+    note, with_vision = convert_model(args.input, args.output, args.layout, args.tokenizer)
     if note:
         print(f"emu3: note: {note}", file=sys.stderr)
-    print(f"wrote {args.output} ({args.layout} layout{', with the vision tokenizer' if vision else ''})")
+    print(f"wrote {args.output} ({args.layout} layout{', with the vision tokenizer' if with_vision else ''})")
 
 
 def cmd_tokenize_dataset(args) -> None:
-    from .assets import builtin_model
+    from .checkpoint import model_folder, vision_folder
     from .data.tokenize import Settings, tokenize_dataset
 
-    if not (args.model or args.text_tokenizer):  # the built-in model's tokenizers, as every command defaults to
-        args.model = builtin_model() and str(builtin_model())
-    text = args.text_tokenizer or args.model
-    vision = args.tokenizer or (str(Path(args.model) / "vision_tokenizer") if args.model and
-                                (Path(args.model) / "vision_tokenizer").is_dir() else args.model)
-    if not text:
-        raise InputError("give --model DIR (text tokenizer and vision_tokenizer/ inside) or --text-tokenizer DIR "
-                         "[--tokenizer DIR]: this installation has no built-in model to default to")
+    # the built-in model's tokenizers unless told otherwise, as every command defaults to
+    model = model_folder(args.model) if args.model or not args.text_tokenizer else None
+    text = str(args.text_tokenizer or model)
+    vision = args.tokenizer or (vision_folder(model) if model else None) or model
+    vision = str(vision) if vision else None
     settings = Settings(text, vision, args.fps, args.max_frames, args.frame_limit, args.video_mode)
     s = tokenize_dataset(args.input, args.output, settings, args.workers, args.shard_size, progress=not args.quiet,
                          threads=args.threads)
@@ -383,10 +355,11 @@ def cmd_tokenize_dataset(args) -> None:
 
 
 def cmd_train(args) -> None:
+    from .recipes import all_stages
     from .train.config import make_config
     from .train.trainer import train
 
-    out = train(make_config(args.preset, args.overrides), progress=not args.quiet)
+    out = train(make_config(args.preset, args.overrides, stages=all_stages()), progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {out['steps']} steps, last loss {out['loss']:.4f}, {out['tokens']} tokens in "
               f"{out['seconds']:.1f} s; checkpoint {out['checkpoint']}")
@@ -422,15 +395,10 @@ def cmd_eval(args) -> None:
 
 def cmd_eval_vla(args) -> None:
     from .action import FASTTokenizer
-    from .assets import builtin_vla
+    from .checkpoint import vla_folder
     from .vla import Policy, evaluate
 
-    args.model = args.model or builtin_vla()
-    if not args.model:
-        raise InputError("eval-vla needs --model DIR: a VLA model folder with fast_tokenizer.json "
-                         "(the built-in policy is not installed)")
-    if not (Path(args.model) / "fast_tokenizer.json").is_file():
-        raise InputError(f"{args.model} has no fast_tokenizer.json: not a VLA model folder (emu3 build-vla makes one)")
+    args.model = vla_folder(args.model)
     emu = _pipeline(args)
     policy = Policy(emu, FASTTokenizer.from_pretrained(args.model), temperature=args.temperature or 0.0,
                     seed=args.seed, history=args.history)
@@ -445,9 +413,9 @@ def cmd_eval_vla(args) -> None:
           f"simulator and the rest {r['share_rest']:.0%}")
 
 
-def cmd_demo(args) -> None:
+def cmd_report(args) -> None:
     from .assets import builtin_vla
-    from .demo import build_report
+    from .report import build_report
 
     emu = _pipeline(args)
     policy = None
@@ -486,16 +454,16 @@ def cmd_serve(args) -> None:
 
 
 def cmd_build_demo(args) -> None:
-    from .world.recipe import build_demo
+    from .recipes import build_demo
 
     build_demo(args.output, vq_steps=args.vq_steps, lm_steps=args.lm_steps, seed=args.seed, parts=args.parts,
                progress=not args.quiet)
 
 
 def cmd_build_vla(args) -> None:
-    from .world.recipe import build_vla_demo
+    from .recipes import build_vla
 
-    build_vla_demo(args.output, vision=args.vision, episodes=args.episodes, lm_steps=args.lm_steps,
+    build_vla(args.output, vision=args.vision, episodes=args.episodes, lm_steps=args.lm_steps,
                    vq_steps=args.vq_steps, seed=args.seed, progress=not args.quiet)
 
 
@@ -672,13 +640,13 @@ def build_parser() -> argparse.ArgumentParser:
     lm_opts(p)
     p.set_defaults(func=cmd_eval_vla)
 
-    p = sub.add_parser("demo", help="write a self-contained HTML report of what a model does")
+    p = sub.add_parser("report", help="write a self-contained HTML report of what a model does")
     p.add_argument("-o", "--output", required=True, metavar="DIR")
     p.add_argument("--vla", metavar="DIR", help="also show this VLA model folder's policy in the loop "
                                                    "(default with the built-in model: the built-in policy)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     lm_opts(p)
-    p.set_defaults(func=cmd_demo, seed=50_000)
+    p.set_defaults(func=cmd_report, seed=50_000)
 
     p = sub.add_parser("serve", help="HTTP API (OpenAI-style) with continuous batching, and a web page")
     p.add_argument("--host", default="127.0.0.1")
@@ -698,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vq-steps", type=int, help="default: the demo VQ recipe's (emu3.train.vq.VQ_STAGES)")
     p.add_argument("--lm-steps", type=int, help="default: the demo preset's")
     p.add_argument("--parts", type=int, help="language-model parts, each from the last one's weights "
-                   "(default: emu3.world.recipe.DEMO_PARTS)")
+                   "(default: emu3.recipes.builtin.DEMO_PARTS)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_build_demo)
@@ -740,11 +708,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_tokenize_dataset)
 
-    from .train.config import STAGES
+    from .recipes import all_stages
 
     p = sub.add_parser("train", help="train or fine-tune (one process, or under torchrun)",
-                       description="emu3 train PRESET [key=value ...]; presets: " + ", ".join(STAGES))
-    p.add_argument("preset", help="a stage preset: " + ", ".join(STAGES))
+                       description="emu3 train PRESET [key=value ...]; presets: " + ", ".join(all_stages()))
+    p.add_argument("preset", help="a stage preset: " + ", ".join(all_stages()))
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data=runs/data steps=500 out=runs/x")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)

@@ -158,7 +158,8 @@ class Engine:
         if self.vocab.size != model.config.vocab_size:
             raise InputError(f"the tokenizer has {self.vocab.size} ids but the model {model.config.vocab_size}")
         self.fast = fast
-        self._forward = torch.compile(model.hidden_states, dynamic=True) if compile else model.hidden_states
+        # the model's forward to hidden states (compiled with compile=True); the batcher calls it too
+        self.hidden_states = torch.compile(model.hidden_states, dynamic=True) if compile else model.hidden_states
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         v = self.vocab
@@ -312,7 +313,8 @@ class _Run:
         self.samp = {kind: [torch.tensor([getattr(getattr(r, kind), a) for r in requests], device=dev)
                             for a in ("temperature", "top_k", "top_p")] for kind in ("visual", "text")}
         self.cache = KVCache(e.model.config, rows, p_len + steps, dev, e.dtype)
-        self.hidden = e._forward(ids, positions=positions, key_mask=self.key_mask[:, :p_len], cache=self.cache)[:, -1]
+        self.hidden = e.hidden_states(ids, positions=positions, key_mask=self.key_mask[:, :p_len],
+                                      cache=self.cache)[:, -1]
         self.last_pos = positions[:, -1]
         self.out = torch.full((n, steps), v.pad, dtype=torch.long, device=dev)
         self.done = torch.zeros(n, dtype=torch.bool, device=dev)
@@ -329,6 +331,6 @@ class _Run:
         """Feed the chosen tokens (each unconditional row gets its request's token) through the model."""
         self.last_pos = self.last_pos + 1
         start = self.p_len + step
-        self.hidden = self.engine._forward(token[self.cond_of][:, None], positions=self.last_pos[:, None],
+        self.hidden = self.engine.hidden_states(token[self.cond_of][:, None], positions=self.last_pos[:, None],
                                            key_mask=self.key_mask[:, :start + 1], cache=self.cache, start=start)[:, -1]
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_model, read_json
+from .checkpoint import load_model, model_folder, read_json
+from .checkpoint import vision_folder as checkpoint_vision_folder
 from .errors import CheckpointError, InputError
 from .format import NEGATIVE_PROMPT, POSITIVE_SUFFIX, RELEASED_CHAT_TEMPLATE, Formatter, Image, Video, generation_grid
 from .generate import Engine, Request, Sampling, image_template, video_template
@@ -101,28 +102,26 @@ class Emu3:
         self.engine = Engine(model, self.vocab, fast=fast, compile=compile)
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, vision_folder: str | os.PathLike | None = None,
+    def from_pretrained(cls, folder: str | os.PathLike | None = None, vision_folder: str | os.PathLike | None = None,
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                         **kwargs) -> Emu3:
-        """Load a model folder; the vision tokenizer comes from `vision_folder`, else from the folder's
-        `vision_tokenizer/`, else from the folder itself when it is an -hf checkpoint."""
-        folder = Path(folder)
+        """Load a model folder (None: the built-in model); the vision tokenizer comes from `vision_folder`,
+        else from the folder's `vision_tokenizer/`, else from the folder itself when it is an -hf checkpoint
+        (`emu3.checkpoint.vision_folder`)."""
+        folder = model_folder(folder)
         model = load_model(folder, device=device, dtype=dtype)
         tokenizer = TextTokenizer.from_pretrained(folder)
-        if vision_folder is None:
-            if (folder / "vision_tokenizer").is_dir():
-                vision_folder = folder / "vision_tokenizer"
-            elif "vq_config" in read_json(folder / "config.json"):
-                vision_folder = folder
-        vision = VisionTokenizer.from_pretrained(vision_folder, device=device) if vision_folder else None
+        vision_dir = checkpoint_vision_folder(folder, vision_folder)
+        vision = VisionTokenizer.from_pretrained(vision_dir, device=device) if vision_dir else None
         return cls(model, tokenizer, vision, Defaults.load(folder), **kwargs)
 
-    # ---- helpers ----
 
-    def _formatter(self, order: str | None = None) -> Formatter:
+    def formatter(self, order: str | None = None) -> Formatter:
+        """The sequence builder for this model's vocabulary, in its token order unless `order` is given."""
         return Formatter(self.tokenizer, order or self.defaults.order)
 
-    def _need_vision(self) -> VisionTokenizer:
+    def require_vision(self) -> VisionTokenizer:
+        """The vision tokenizer, or an error saying how to give one (tasks with images or video need it)."""
         if self.vision is None:
             raise InputError("this task needs a vision tokenizer: pass one (--tokenizer DIR) or put it in the "
                              "model folder as vision_tokenizer/")
@@ -184,7 +183,7 @@ class Emu3:
                       suffix: str | None = None) -> Request:
         """The engine request for one text-to-image generation (the grid from `grid` or ratio and area)."""
         _need_prompt(prompt)
-        fmt = self._formatter()
+        fmt = self.formatter()
         h, w = grid or self.grid(ratio, image_area)
         d = self.defaults
         negative = fmt.negative_prompt((h, w), d.negative_prompt if negative_prompt is None else negative_prompt)
@@ -195,17 +194,17 @@ class Emu3:
 
     def image_result(self, request: Request, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(codes (h, w), pixels (H, W, 3) uint8) of a finished image request's tokens."""
-        image = self._formatter().parse(np.concatenate([request.prompt, tokens]))[-1]
+        image = self.formatter().parse(np.concatenate([request.prompt, tokens]))[-1]
         if not (isinstance(image, Image) and image.complete):
             raise InputError("the tokens do not end in a complete image")
-        return image.codes, self._need_vision().decode_image(image.codes)
+        return image.codes, self.require_vision().decode_image(image.codes)
 
     def generate_images(self, prompts: list[str], n: int = 1, ratio: str | None = None, image_area: int | None = None,
                         cfg_scale: float | None = None, seed: int = 0, temperature: float | None = None,
                         top_k: int | None = None, top_p: float | None = None, negative_prompt: str | None = None,
                         suffix: str | None = None, batch_size: int = 8, progress: bool = False) -> list[Generated]:
         """n images per prompt; image j of prompt i uses seed + i * n + j."""
-        self._need_vision()
+        self.require_vision()
         if not prompts or n < 1:
             raise InputError("need at least one prompt and n >= 1")
         grid = self.grid(ratio, image_area)
@@ -227,8 +226,8 @@ class Emu3:
                      temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                      seed: int = 0) -> Request:
         """The engine request for a question about an image (PIL image or uint8 (H, W, 3) at model resolution)."""
-        codes = self._need_vision().encode_image(image).numpy()
-        prompt = self._formatter("raster").chat_prompt(codes, question, template or self.defaults.chat_template)
+        codes = self.require_vision().encode_image(image).numpy()
+        prompt = self.formatter("raster").chat_prompt(codes, question, template or self.defaults.chat_template)
         if max_new_tokens is None:  # the default answer length, within what the context leaves
             room = self.model.config.max_position_embeddings - len(prompt)
             max_new_tokens = max(1, min(self.defaults.max_new_tokens, room))
@@ -254,8 +253,8 @@ class Emu3:
                       grid: tuple[int, int] | None = None) -> Request:
         """The engine request for `frames` latent frames, continuing the codes of `context` (t, h, w) if given."""
         _need_prompt(prompt)
-        self._need_vision()
-        fmt = self._formatter("raster")
+        self.require_vision()
+        fmt = self.formatter("raster")
         h, w = grid or (context.shape[1:] if context is not None else self.grid(ratio, image_area))
         known = 0 if context is None else len(context)
         if frames < 1 + known:
@@ -272,10 +271,10 @@ class Emu3:
 
     def video_result(self, request: Request, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(codes (t, h, w), frames (T, H, W, 3) uint8) of a finished video request's tokens."""
-        video = self._formatter("raster").parse(np.concatenate([request.prompt, tokens]))[-1]
+        video = self.formatter("raster").parse(np.concatenate([request.prompt, tokens]))[-1]
         if not (isinstance(video, Video) and video.complete):
             raise InputError("the tokens do not end in a complete video")
-        return video.codes, self._need_vision().decode_video(video.codes, "causal")
+        return video.codes, self.require_vision().decode_video(video.codes, "causal")
 
     def _video(self, prompt: str, frames: int, context: np.ndarray | None, ratio, image_area, fps, cfg_scale, seed,
                temperature, top_k, top_p, negative_prompt, progress) -> Generated:
@@ -298,7 +297,7 @@ class Emu3:
                      top_k: int | None = None, top_p: float | None = None, negative_prompt: str | None = None,
                      progress: bool = False) -> Generated:
         """Continue a video: encode its frames (causal mode), then generate `new_frames` latent frames."""
-        vision = self._need_vision()
+        vision = self.require_vision()
         context = vision.encode_video(frames_uint8, "causal").numpy()
         return self._video(prompt, len(context) + new_frames, context, None, None, fps, cfg_scale, seed, temperature,
                            top_k, top_p, negative_prompt, progress)
@@ -316,10 +315,10 @@ class Emu3:
                              f"order; {got} (train one with order=spiral, or pass --order spiral, order='spiral' "
                              "in Python, to try anyway)")
         order = "spiral"
-        vision = self._need_vision()
+        vision = self.require_vision()
         codes = vision.encode_image(image).numpy()
         h, w = codes.shape
-        fmt = self._formatter(order)
+        fmt = self.formatter(order)
         known = border_tokens(h, w, rings)
         if known >= h * w:
             raise InputError(f"rings={rings} keeps the whole {h}x{w} code grid, which leaves nothing to inpaint; use "

@@ -39,7 +39,7 @@ class Policy:
         self.emu, self.fast = emu, fast
         self.history_len = history  # earlier (views, tokens) frames in each prompt
         self.actions = ActionIds(emu.vocab.text_size, fast.config.vocab_size)
-        self.fmt = emu._formatter()
+        self.fmt = emu.formatter()
         self.sampling = Sampling(temperature)
         self.seed = seed
         self.stats = PolicyStats()
@@ -51,7 +51,7 @@ class Policy:
 
     def _views(self, env: TableEnv) -> list[np.ndarray]:
         t0 = time.perf_counter()
-        codes = [c.numpy() for c in self.emu._need_vision().encode_images(list(env.render()))]
+        codes = [c.numpy() for c in self.emu.require_vision().encode_images(list(env.render()))]
         self.stats.vision_s += time.perf_counter() - t0
         return codes
 

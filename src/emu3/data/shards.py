@@ -150,7 +150,8 @@ class TokenDataset:
                 out[k] = out.get(k, 0) + n
         return out
 
-    def _shard(self, i: int):
+    def shard(self, i: int) -> tuple[np.ndarray, list]:
+        """Shard i's tokens (memory-mapped int32) and its records, opened once."""
         if i not in self._open:
             name = self.shards[i]["name"]
             tokens = np.load(self.folder / f"{name}.tokens.npy", mmap_mode="r")
@@ -162,7 +163,7 @@ class TokenDataset:
         if not 0 <= idx < len(self):
             raise IndexError(idx)
         s = int(np.searchsorted(self.starts, idx, side="right")) - 1
-        tokens, records = self._shard(s)
+        tokens, records = self.shard(s)
         entry = records[idx - int(self.starts[s])]
         fields = {}
         for name, (offset, *shape) in entry["fields"].items():

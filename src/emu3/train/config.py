@@ -153,34 +153,7 @@ STAGES: dict[str, dict] = {
     "dpo": dict(model="emu3-8b", seq_len=9216, lr=7e-6, min_lr=7e-7, warmup=5, steps=40, dpo=True, dropout=0.0,
                 batch_size=1, grad_accum=128, **_RELEASED_OPTIM),
 }
-# The built-in model (emu3.world.recipe sets its data): images, QA, videos and stories of the shapes
-# world; visual codes weigh 1 (image generation is what the demo is judged on).
-STAGES["demo"] = dict(model="demo", seq_len=512, batch_size=16, steps=2400, lr=1e-3, min_lr=5e-5, warmup=100,
-                      dropout=0.0, vision_weight=1.0, caption_after=0.15, drop_caption=0.1, video_extension=0.5,
-                      weight_decay=0.1, grad_clip=1.0, save_every=100, keep_last=2)
-# Part 2 of the built-in model: from part 1's weights (recipe sets model=), the same data again.
-STAGES["demo-2"] = {**STAGES["demo"], "steps": 3000, "lr": 4e-4, "min_lr": 2e-5, "warmup": 50}
-# Part 4 on: the same again with QA answers weighing 8 (at 1 they were 0.75 % of the loss-carrying
-# tokens, and understanding stopped improving in part 3 while generation went on gaining).
-STAGES["demo-4"] = {**STAGES["demo-2"], "answer_weight": 8.0}
-# Part 5 on: 1,200 steps with the QA share answered with reasons (emu3.world.recipe MIX_REASONED): after
-# part 4 the model captioned images naming their shapes, yet answered "how many circles" at chance, and
-# read off its own captions the counts were right 0.88 of the time; so it first names the objects from left
-# to right, each step looking only at the image, the question and the last words (emu3.world.scenes.questions;
-# README, "The built-in model", says what the two earlier answer formats got wrong).
-STAGES["demo-5"] = {**STAGES["demo-4"], "steps": 1200}
-# Part 6: 1,200 steps with twice the clips and a larger video share (emu3.world.recipe MIX_VIDEO), extension
-# samples given 1 .. T-1 latent frames: part 5's extended videos drifted from the physics frame by frame.
-STAGES["demo-6"] = {**STAGES["demo-5"], "extension_context": "random"}
-# Part 7: 1,200 steps with the QA share on questions that do not give their answer away (MIX_BALANCED).
-STAGES["demo-7"] = dict(STAGES["demo-6"])
-# The built-in VLA policy (emu3.world.recipe.build_vla_demo sets its data): expert demonstrations of the
-# table-top task as one-frame windows; vision weighs 0.5 and actions 1.0, as in the paper. Then
-# `vla-dagger`: from its weights (recipe sets model=), demonstrations and DAgger records together.
-STAGES["vla"] = dict(model="demo", seq_len=512, batch_size=16, steps=1500, lr=1e-3, min_lr=5e-5, warmup=100,
-                     dropout=0.0, vision_weight=0.5, weight_decay=0.1, grad_clip=1.0, save_every=100, keep_last=2)
-STAGES["vla-dagger"] = {**STAGES["vla"], "steps": 800, "lr": 4e-4, "min_lr": 2e-5, "warmup": 30}
-# Small twins: the same recipes for the tiny model on this machine.
+# Small twins: the same recipes for the tiny model on a CPU.
 _TINY = dict(model="tiny", seq_len=512, batch_size=4, steps=200, warmup=10, save_every=50)
 STAGES.update({
     "tiny-stage1": {**STAGES["pretrain-stage1"], **_TINY, "lr": 1e-3, "min_lr": 1e-4},
@@ -194,13 +167,14 @@ STAGES.update({
 })
 
 
-def _coerce(name: str, text: str, kind):
+def coerce(name: str, text: str, kind):
+    """A `key=value` override's text as the field's type (`kind`, from the config's type hints)."""
     origin = typing.get_origin(kind)
     args = [a for a in typing.get_args(kind) if a is not type(None)]
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
         if text.lower() in ("none", "null", ""):
             return None
-        return _coerce(name, text, args[0])
+        return coerce(name, text, args[0])
     if origin is list:
         return [x for x in text.split(",") if x]
     try:
@@ -225,12 +199,15 @@ def _coerce(name: str, text: str, kind):
         raise InputError(f"{name}={text!r}: expected {kind.__name__ if hasattr(kind, '__name__') else kind}") from None
 
 
-def make_config(preset: str, overrides: list[str] | dict | None = None) -> TrainConfig:
-    """A stage preset with `key=value` overrides; unknown presets and keys are errors."""
-    if preset not in STAGES:
-        raise InputError(f"unknown training preset {preset!r}; choose one of {', '.join(STAGES)}")
+def make_config(preset: str, overrides: list[str] | dict | None = None,
+                stages: dict[str, dict] | None = None) -> TrainConfig:
+    """A stage preset of `stages` (default: the paper's, STAGES) with `key=value` overrides; unknown presets and
+    keys are errors."""
+    stages = STAGES if stages is None else stages
+    if preset not in stages:
+        raise InputError(f"unknown training preset {preset!r}; choose one of {', '.join(stages)}")
     hints = typing.get_type_hints(TrainConfig)
-    values = dict(STAGES[preset])
+    values = dict(stages[preset])
     items = overrides.items() if isinstance(overrides, dict) else [o.split("=", 1) for o in overrides or []]
     for item in items:
         if len(item) != 2:
@@ -239,5 +216,5 @@ def make_config(preset: str, overrides: list[str] | dict | None = None) -> Train
         key = key.strip().replace("-", "_")
         if key not in hints:
             raise InputError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(hints))}")
-        values[key] = _coerce(key, value, hints[key]) if isinstance(value, str) else value
+        values[key] = coerce(key, value, hints[key]) if isinstance(value, str) else value
     return TrainConfig(**values)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import load_model
+from ..checkpoint import load_model, vision_folder
 from ..data.loader import Loader, MixPolicy, PairLoader, pair_batch
 from ..errors import Emu3Error, InputError
 from ..format import Formatter
@@ -131,7 +131,7 @@ def data_info(cfg: TrainConfig) -> DataInfo:
         for i, shard in enumerate(ds.shards):
             counts = shard.get("grids")
             if counts is None:  # tokenized before the index counted grids
-                counts = image_grids(ds._shard(i)[1])
+                counts = image_grids(ds.shard(i)[1])
             grids.update(counts)
     if len(visions) > 1:
         raise InputError("the datasets were tokenized with different vision tokenizers (" + ", ".join(sorted(visions))
@@ -149,8 +149,8 @@ def resolve_data(cfg: TrainConfig) -> DataInfo:
     if not cfg.vision_tokenizer:
         if info.vision_tokenizer and Path(info.vision_tokenizer).is_dir():
             cfg.vision_tokenizer = info.vision_tokenizer
-        elif Path(cfg.model).is_dir() and (Path(cfg.model) / "vision_tokenizer").is_dir():
-            cfg.vision_tokenizer = str((Path(cfg.model) / "vision_tokenizer").resolve())
+        elif Path(cfg.model).is_dir() and vision_folder(cfg.model) is not None:
+            cfg.vision_tokenizer = str(vision_folder(cfg.model).resolve())
     if not Path(cfg.model).is_dir() and not cfg.image_area and info.grid and info.spatial_factor:
         h, w = info.grid
         cfg.image_area = h * w * info.spatial_factor ** 2

@@ -273,7 +273,7 @@ def overrides_of(cfg: VQTrainConfig) -> dict:
 def make_vq_config(preset: str, overrides: list[str]) -> VQTrainConfig:
     import typing
 
-    from .config import _coerce
+    from .config import coerce
 
     if preset not in VQ_STAGES:
         raise InputError(f"unknown VQ training preset {preset!r}; choose one of {', '.join(VQ_STAGES)}")
@@ -284,7 +284,7 @@ def make_vq_config(preset: str, overrides: list[str]) -> VQTrainConfig:
         key = key.strip().replace("-", "_")
         if not eq or key not in hints:
             raise InputError(f"overrides are key=value with keys {', '.join(sorted(hints))}; got {item!r}")
-        values[key] = _coerce(key, value, hints[key])
+        values[key] = coerce(key, value, hints[key])
     return VQTrainConfig(**values)
 
 

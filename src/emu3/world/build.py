@@ -16,7 +16,7 @@ import numpy as np
 from ..data.shards import FORMAT, VERSION, Record, write_index, write_shard
 from ..errors import InputError
 from .motion import describe, sample_clip
-from .scenes import COLORS, Shape, _fits, article, caption, questions, relation, render, sample_scene
+from .scenes import COLORS, Shape, article, caption, fits, questions, relation, render, sample_scene
 
 KINDS = ("images", "qa", "videos", "stories", "reasoned")
 
@@ -34,7 +34,7 @@ def story(rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
     second = None
     for _ in range(100):
         cand = sample_scene(rng, 1).shapes[0]
-        if _fits([a], cand, first.size):
+        if fits([a], cand, first.size):
             second = cand
             break
     if second is None:
@@ -155,8 +155,8 @@ def vla_windows(episode, chunk: int, window: int):
         yield frames
 
 
-def build_vla(out: str | os.PathLike, vision, text, fast, actions, episodes: int, seed: int = 0, chunk: int = 5,
-              window: int = 1, noise: float = 0.1, progress: bool = True) -> int:
+def build_demonstrations(out: str | os.PathLike, vision, text, fast, actions, episodes: int, seed: int = 0,
+                         chunk: int = 5, window: int = 1, noise: float = 0.1, progress: bool = True) -> int:
     """Expert demonstrations as `vla` records (instruction, table and wrist codes, FAST tokens);
     episode i is emu3.world.table.record(seed * 1_000_003 + i). Returns the record count."""
     from .table import record

@@ -46,7 +46,9 @@ class Scene:
     tags: dict = field(default_factory=dict)
 
 
-def _fits(shapes: list[Shape], s: Shape, size: int, margin: float = 3.0) -> bool:
+def fits(shapes: list[Shape], s: Shape, size: int, margin: float = 3.0) -> bool:
+    """Whether shape s lies inside the canvas with its centre over 1.2 x (the radii's sum) + `margin`
+    pixels from every one of `shapes`."""
     if not (s.r + 1 <= s.x <= size - 1 - s.r and s.r + 1 <= s.y <= size - 1 - s.r):
         return False
     return all(math.hypot(s.x - o.x, s.y - o.y) > (s.r + o.r) * 1.2 + margin for o in shapes)
@@ -65,7 +67,7 @@ def sample_scene(rng: np.random.Generator, n: int | None = None, kinds=None, col
                 r = float(rng.uniform(5.0, 9.5))
                 s = Shape(kind, color, float(rng.uniform(r + 1, size - 1 - r)), float(rng.uniform(r + 1, size - 1 - r)),
                           r)
-                if _fits(shapes, s, size):
+                if fits(shapes, s, size):
                     shapes.append(s)
                     break
         if len(shapes) == n:

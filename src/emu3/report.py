@@ -1,4 +1,4 @@
-"""`emu3 demo -o report/`: one self-contained HTML page (images and videos inlined as data URIs) that
+"""`emu3 report -o report/`: one self-contained HTML page (images and videos inlined as data URIs) that
 shows what a model does on the shapes world: generated images for prompts of every evaluation
 category with the detector's verdict, answers to questions about held-out images, generated and
 extended videos, tokenizer reconstructions, inpainting (for a model trained in the spiral-in order), the
@@ -112,7 +112,7 @@ def build_report(emu, out: str, seed: int = 50_000, eval_sizes: dict | None = No
         if bar is not None:
             if bar.n or name != sections[0]:
                 bar.update(1)
-            bar.set_description(f"demo: {name}")
+            bar.set_description(f"report: {name}")
 
     section("text to image")
     prompts = bench.geneval_prompts(2, seed)
@@ -164,9 +164,9 @@ def build_report(emu, out: str, seed: int = 50_000, eval_sizes: dict | None = No
     parts.append(f"<section><h2>Evaluation</h2><p>{html.escape(str(sizes))} held-out items (emu3 eval runs the "
                  f"full set).</p><table><tr><th>benchmark</th><th>metric</th><th>value</th></tr>{rows}</table>"
                  "</section>")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>emu3 demo</title><style>{CSS}</style></head>"
-            f"<body><h1>emu3 demo</h1><p class='sub'>{html.escape(model_name)}; made in {time.time() - t0:.0f} s "
-            "by <code>emu3 demo</code></p>" + "".join(parts) + "</body></html>")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>emu3 report</title><style>{CSS}</style></head>"
+            f"<body><h1>emu3 report</h1><p class='sub'>{html.escape(model_name)}; made in {time.time() - t0:.0f} s "
+            "by <code>emu3 report</code></p>" + "".join(parts) + "</body></html>")
     if bar is not None:
         bar.close()
     out = Path(out)
