@@ -96,7 +96,7 @@ def test_cancel_and_deadline_free_rows_and_leave_others_unchanged(lm, fmt):
     b.cancel(tickets[0])  # a guided request: both its rows go
     b.step()
     assert tickets[0].status == "cancelled" and late.status == "timeout"
-    assert sorted(r for t in b.running for r in t.rows) == list(range(b.rows_used))  # packed
+    assert sorted(r for rows in b.core.rows for r in rows) == list(range(b.rows_used))  # packed
     assert tickets[0] not in b.running and 0 < len(tickets[0].tokens) < tickets[0].total
     b.run_until_idle()
     for t, ref in list(zip(tickets, alone))[1:]:

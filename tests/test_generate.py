@@ -202,3 +202,62 @@ def test_allowed_ids_and_stop_ids_per_request(lm, fmt):
     assert fast[7].tokens.tolist() == [v.boi] and fast[7].finished  # a stop id ends the row at once
     with pytest.raises(InputError, match="allowed must be a non-empty list of ids"):
         Engine(lm).generate([Request(prompt, allowed=np.array([], int))])
+
+
+def interleaved_request(fmt, seed: int, max_images: int = 2, max_new_tokens: int = 60, **kw) -> Request:
+    """A free-text request that may open images of 2x3 codes: its text steps may emit EOS, BOI or "a", each about
+    as likely (temperature 1000: the tiny random model's head is peaky)."""
+    v, grid = fmt.vocab, (2, 3)
+    return Request(np.concatenate([[v.bos], fmt.text("a story")]), max_new_tokens=max_new_tokens,
+                   allowed=np.array([v.eos, *fmt.text("a")]), text=Sampling(1000.0), visual=Sampling(1.0), seed=seed,
+                   max_images=max_images, image_header=fmt.image_header(*grid)[1:], image_grid=grid, **kw)
+
+
+def test_free_text_opens_images_the_model_chooses(lm, fmt):
+    """A free-text row that emits BOI follows the image's header and grid to its end, then writes text again:
+    every output parses, with complete images of the request's grid, at most max_images of them, and never
+    a BOI without room for a whole image."""
+    v = fmt.vocab
+    per_image = 1 + len(fmt.image_header(2, 3)) - 1 + 2 * 4 + 2
+    opened = []
+    for seed in range(24):
+        for max_new in (60, per_image + 1, per_image):  # room for two images; for one and its end; for none
+            (res,) = Engine(lm).generate([interleaved_request(fmt, seed, max_new_tokens=max_new)])
+            toks = res.tokens
+            segments = fmt.parse(np.concatenate([[v.bos], fmt.text("a story"), toks]))
+            images = [s for s in segments if isinstance(s, Image)]
+            assert all(im.complete and im.codes.shape == (2, 3) for im in images)
+            assert len(images) <= min(2, (max_new - 1) // per_image) and int((toks == v.boi).sum()) == len(images)
+            opened.append(len(images))
+    assert max(opened) == 2 and 0 in opened  # the model chose: both happen
+
+
+def test_interleaved_tokens_are_the_same_in_the_batcher_and_beside_others(lm, fmt):
+    """One core: a batch of interleaved, guided and plain requests gives each the tokens it gets alone,
+    in Engine.generate and in the continuous batcher."""
+    from emu3.batching import Batcher
+
+    requests = [interleaved_request(fmt, s) for s in range(4)]
+    requests.append(interleaved_request(fmt, 7, negative=np.array([fmt.vocab.bos]), cfg_scale=3.0))
+    requests.append(image_request(fmt, "a red circle", (2, 3), visual=Sampling(1.0), seed=3))
+    alone = [Engine(lm).generate([r])[0].tokens.tolist() for r in requests]
+    assert [r.tokens.tolist() for r in Engine(lm).generate(requests)] == alone
+    b = Batcher(Engine(lm), max_rows=4)
+    tickets = [b.submit(r) for r in requests]
+    b.run_until_idle()
+    assert [t.result().tokens.tolist() for t in tickets] == alone
+
+
+def test_guidance_mixes_visual_steps_only(lm, fmt):
+    """In an interleaved answer the text is sampled as text: at a free-text step a guided request's scores
+    are its conditional ones; at a visual step they are mixed."""
+    v = fmt.vocab
+    text_step = interleaved_request(fmt, 0, negative=np.array([v.bos]), cfg_scale=3.0)
+    plain = interleaved_request(fmt, 0)
+    (guided, ids), (unguided, _) = Engine(lm).next_token_scores([text_step]), Engine(lm).next_token_scores([plain])
+    torch.testing.assert_close(guided, unguided)
+    grid = (2, 3)
+    visual = image_request(fmt, "a red circle", grid, cfg_scale=3.0)
+    mixed, _ = Engine(lm).next_token_scores([visual])
+    alone, _ = Engine(lm).next_token_scores([image_request(fmt, "a red circle", grid)])
+    assert not torch.allclose(mixed, alone)

@@ -131,3 +131,40 @@ def test_convert_to_hf_keeps_everything_needed(model_folder, tmp_path):
     assert np.array_equal(a.codes, b.codes)
     assert main(["convert", str(tmp_path / "hf"), "-o", str(tmp_path / "back")]) == 0
     assert (tmp_path / "back" / "vision_tokenizer" / "model.safetensors").exists()
+
+
+def test_interleaved_generation_and_its_folder(emu, model_folder, tmp_path, capsys):
+    """generate_interleaved returns text and complete pictures in order (one list per prompt when given a
+    list, the same as alone); `emu3 interleave` writes the pictures, segments.json naming them in order,
+    and one self-contained page; bad limits are refused before any compute."""
+    from emu3.format import Text
+    from emu3.pipeline import Picture
+    from emu3.report import save_interleaved
+
+    one = emu.generate_interleaved("a story", max_images=2, max_new_tokens=40, seed=1)
+    both = emu.generate_interleaved(["a story", "another"], max_images=2, max_new_tokens=40, seed=1)
+    assert len(both) == 2 and [type(s) for s in both[0]] == [type(s) for s in one]
+    assert all(isinstance(s, Text) and s.text or isinstance(s, Picture) and s.pixels.ndim == 3 for s in one)
+    with pytest.raises(InputError, match="max_images must be in"):
+        emu.generate_interleaved("a story", max_images=9)
+    with pytest.raises(InputError, match="prompt is empty"):
+        emu.generate_interleaved("  ")
+
+    picture = Picture(np.zeros((2, 2), np.int64), np.full((16, 16, 3), 200, np.uint8))
+    page = save_interleaved(tmp_path / "s", "first", [picture, Text("then"), picture])
+    items = json.loads((tmp_path / "s" / "segments.json").read_text())
+    assert items == [{"type": "text", "text": "first"}, {"type": "image", "path": "image-1.png", "codes": [2, 2]},
+                     {"type": "text", "text": "then"}, {"type": "image", "path": "image-2.png", "codes": [2, 2]}]
+    assert Image.open(tmp_path / "s" / "image-2.png").size == (16, 16)
+    html = page.read_text()
+    assert html.count("data:image/png;base64") == 2 and html.index("first") < html.index("then")
+
+    assert main(["interleave", "a story", "--model", str(model_folder), "-o", str(tmp_path / "cli"),
+                 "--max-images", "2", "--max-new-tokens", "40", "--quiet"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    items = json.loads((tmp_path / "cli" / "segments.json").read_text())
+    assert items[0] == {"type": "text", "text": "a story"}
+    assert all((tmp_path / "cli" / it["path"]).is_file() for it in items if it["type"] == "image")
+    assert main(["interleave", "a story", "--model", str(model_folder), "-o", str(tmp_path / "x"),
+                 "--max-images", "9"]) == 2
+    assert "--max-images" in capsys.readouterr().err

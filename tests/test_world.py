@@ -11,6 +11,7 @@ from PIL import Image, ImageFilter
 from emu3.errors import InputError
 from emu3.eval import bench
 from emu3.eval.detect import detect
+from emu3.format import Text
 from emu3.world.motion import sample_clip, trajectory
 from emu3.world.scenes import SHAPES, Scene, Shape, caption, questions, relation, render, sample_scene
 
@@ -138,6 +139,46 @@ def test_reasoned_answers_scan_the_scene_from_the_left():
     existence = {" ".join(q.split()[-2:]): a for q, a in why.items() if q.startswith("is there")}
     assert existence and all(a == (f"{scan[:scan.index(obj) + len(obj)]}, so yes" if obj in scan else f"{scan}, so no")
                              for obj, a in existence.items()), existence
+
+
+def test_story_scoring_on_the_world_s_own_stories():
+    """The world's own texts and renders pass every step; its first picture held for every step passes the
+    first only; another story's answer, a picture with an extra object, a misplaced or wrongly related
+    second object, or a text that contradicts the story fail."""
+    from emu3.world.build import story
+
+    rng = np.random.default_rng(60_000)
+    stories = [story(rng) for _ in range(40)]
+    other_right = []
+    for i, st in enumerate(stories):
+        first = bench.first_object(st[0][0])
+        steps = [(None if k == 0 else t, im) for k, (t, im) in enumerate(st)]
+        assert bench.score_story(first, steps) == [True, True, True], st[1][0]
+        assert bench.score_story(first, [(t, st[0][1]) for t, _ in steps]) == [True, False, False]
+        j = (i + 1) % len(stories)
+        other_right += bench.score_story(first, [(None if k == 0 else t, im) for k, (t, im) in enumerate(stories[j])])
+        # the text must follow the story: the third step names the first object's kind and a new colour
+        color, kind = first
+        assert not bench.score_story(first, steps[:2] + [(f"finally the {kind} turns {color}.", steps[2][1])])[2]
+        wrong_kind = next(k for k in SHAPES if k != kind)
+        assert not bench.score_story(first, steps[:2] + [(steps[2][0].replace(kind, wrong_kind), steps[2][1])])[2]
+        # the second step's relation must be the one the picture shows
+        rel = next(r for r in ("left of", "right of", "above", "below", "next to") if r in steps[1][0])
+        other_rel = "below" if rel == "above" else "above"
+        assert not bench.score_story(first, [steps[0], (steps[1][0].replace(rel, other_rel), steps[1][1]),
+                                             steps[2]])[1]
+        # nothing else may appear
+        extra = render(Scene(list(sample_scene(np.random.default_rng(i), 1).shapes), "plain"))
+        crowded = np.where(extra.sum(-1, keepdims=True) != render(Scene([], "plain")).sum(-1, keepdims=True), extra,
+                           steps[1][1])
+        if len(detect(crowded)) > 2:
+            assert not bench.score_story(first, [steps[0], (steps[1][0], crowded), steps[2]])[1]
+    assert np.mean(other_right) < 0.15
+    # missing pictures and missing steps fail those steps
+    st = stories[0]
+    first = bench.first_object(st[0][0])
+    assert bench.score_story(first, [(None, st[0][1]), (st[1][0], None)]) == [True, False, False]
+    assert bench.story_steps([Text("then"), Text("finally")]) == [("then", None), ("finally", None)]
 
 
 def test_video_scoring_on_true_and_still_frames():
@@ -280,12 +321,13 @@ def test_evaluators_and_report_run_end_to_end(tmp_path, world_model):
     from emu3.report import build_report
 
     emu = Emu3.from_pretrained(world_model)
-    results = bench.evaluate(emu, generation=1, understanding=2, video=1, tokenizer=4)
-    assert set(results) == {"tokenizer", "generation", "understanding", "video"}
+    results = bench.evaluate(emu, generation=1, understanding=2, video=1, tokenizer=4, stories=1)
+    assert set(results) == {"tokenizer", "generation", "understanding", "video", "stories"}
+    assert results["stories"]["first_image_held"] == 1 / 3 and results["stories"]["tokenizer_ceiling"] >= 0
     assert 0 <= results["generation"]["overall"] <= 1 and results["video"]["objects"] >= 12
     assert "| generation | overall |" in bench.table(results)
     page = build_report(emu, tmp_path / "report", eval_sizes={"generation": 1, "understanding": 1, "video": 1,
-                                                               "tokenizer": 4})
+                                                               "tokenizer": 4, "stories": 1})
     html = page.read_text()
     assert html.count("data:image/png;base64") >= 12 and "data:image/gif;base64" in html and "<table>" in html
 
@@ -339,14 +381,14 @@ def test_inpainting_is_evaluated_for_a_spiral_model(tmp_path, world_model, capsy
     from emu3.pipeline import Emu3
 
     assert main(["eval", "--model", str(world_model), "--generation", "0", "--understanding", "0", "--video", "0",
-                 "--tokenizer-images", "0", "--inpainting", "2"]) == 0
+                 "--tokenizer-images", "0", "--inpainting", "2", "--stories", "0"]) == 0
     assert "inpainting: skipped; this model writes images in 'raster' order" in capsys.readouterr().out
     spiral = tmp_path / "spiral"
     shutil.copytree(world_model, spiral)
     defaults = json.loads((spiral / "emu3_defaults.json").read_text())
     (spiral / "emu3_defaults.json").write_text(json.dumps({**defaults, "order": "spiral"}))
     r = bench.evaluate(Emu3.from_pretrained(spiral), generation=0, understanding=0, video=0, tokenizer=0,
-                       inpainting=2)
+                       inpainting=2, stories=0)
     assert set(r) == {"inpainting"} and 0 <= r["inpainting"]["accuracy"] <= 1 and r["inpainting"]["rings"] == 2
     # the report shows a spiral model's inpainting: original, kept border, the model's inside, its verdict
     from emu3.report import inpainting_section
@@ -360,10 +402,11 @@ def test_eval_and_report_commands(tmp_path, world_model, capsys):
     from emu3.cli import main
 
     assert main(["eval", "--model", str(world_model), "--generation", "1", "--understanding", "2", "--video", "1",
-                 "--tokenizer-images", "4", "--json", str(tmp_path / "r.json")]) == 0
+                 "--tokenizer-images", "4", "--stories", "1", "--json", str(tmp_path / "r.json")]) == 0
     out, err = capsys.readouterr()
     assert "eval: generation" in err and "eval: video" in err  # progress: which benchmark, how far, time left
     assert "| generation | overall |" in out and "| understanding | accuracy |" in out
+    assert "| stories | steps_right |" in out and "first image held 0.333" in out
     assert "| video | tokenizer_ceiling |" in out and "| video | within_tolerance_any_kind |" in out
     assert "tolerance_px" not in out
     assert json.loads((tmp_path / "r.json").read_text())["video"]["tolerance_px"] == 4.0
@@ -375,6 +418,7 @@ def test_eval_and_report_commands(tmp_path, world_model, capsys):
     assert "report: evaluation" in capsys.readouterr().err
     page = (tmp_path / "report" / "index.html").read_text()
     assert page.startswith("<!doctype html>") and "<h2>Inpainting" not in page  # a raster model cannot keep a border
+    assert "<h2>Stories (interleaved text and images)</h2>" in page
 
 
 def test_dataset_builder_writes_every_kind(tmp_path, small_tokenizer):

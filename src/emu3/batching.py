@@ -1,18 +1,15 @@
 """Continuous batching: requests join and leave the running batch at every step.
 
-`Engine.generate` runs a fixed batch to its end; a server needs rows that come and go. Here every
-row owns a slot of one preallocated KV cache with its own length: a step writes row b's new key and
-value at its column lengths[b] (`Emu3LM.hidden_states` with a per-row `start`), and every request
-counts its own steps, for its template and for its seeded sampler. So a request gets the tokens that
-`Engine.generate` gives it alone, whatever joins or leaves around it (test).
+`Engine.generate` runs a fixed batch to its end; a server needs rows that come and go. Both run on the
+same core, `emu3.generate.Decoder` (per-row cache lengths, per-request steps, templates, guidance and
+sampling); this module adds the queue, admission, deadlines, cancellation and callbacks. So a request
+gets the tokens that `Engine.generate` gives it alone, whatever joins or leaves around it (test).
 
 Unusual choices:
-- rows stay packed: when a request leaves, the last rows move into its slots (a copy of their filled
-  cache columns), so a step runs on rows [0, n) only;
-- the conditional and unconditional rows of a CFG request join and leave together; requests are
-  admitted first come, first served, each only when all its rows fit (no overtaking, no starvation);
-- new prompts are prefilled right-padded straight into their slots inside the step loop (one prefill
-  forward plus one decode forward in a step where requests arrive);
+- requests are admitted first come, first served, each only when all its rows fit (a CFG request's
+  conditional and unconditional rows join and leave together; no overtaking, no starvation);
+- new prompts are prefilled into their rows inside the step loop (one prefill forward plus one decode
+  forward in a step where requests arrive);
 - the queue is bounded: `submit` raises `QueueFull` instead of letting latency grow without limit;
 - thread model: any thread may `submit` and `cancel`; one worker thread runs `step` (`start` or `run`),
   and per-token callbacks run on it, so they must be quick (a server hands tokens to its event loop).
@@ -35,8 +32,7 @@ import numpy as np
 import torch
 
 from .errors import Emu3Error, InputError
-from .generate import TEXT, VISUAL, Engine, Request, Result, guided_scores, sample
-from .model import KVCache
+from .generate import TEXT, Decoder, Engine, Request, Result
 
 
 class QueueFull(Emu3Error):
@@ -63,10 +59,7 @@ class Ticket:
     started: float | None = None
     ended: float | None = None
     cancelled: bool = False
-    rows: list[int] = field(default_factory=list)  # cache rows: conditional, then unconditional if guided
     _done: threading.Event = field(default_factory=threading.Event)
-    _stops: frozenset = frozenset()
-    _text_ok: torch.Tensor | None = None
 
     @property
     def total(self) -> int:
@@ -102,10 +95,8 @@ class Batcher:
             raise InputError(f"max_rows must be >= 1 and max_queue >= 0, got {max_rows} and {max_queue}")
         self.engine, self.max_rows, self.max_queue = engine, max_rows, max_queue
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        self.cache = KVCache(cfg, max_rows, self.max_len, engine.device, engine.dtype)
-        self.lengths = torch.zeros(max_rows, dtype=torch.long, device=engine.device)  # filled columns per row
-        self.hidden = torch.zeros(max_rows, cfg.hidden_size, dtype=engine.dtype, device=engine.device)
-        self.running: list[Ticket] = []
+        self.core = Decoder(engine, max_rows, self.max_len)
+        self.running: list[Ticket] = []  # in the core's order
         self.queue: deque[Ticket] = deque()
         self.lock = threading.Condition()
         self.closed = False
@@ -123,16 +114,12 @@ class Batcher:
                timeout: float | None = None, on_done: Callable[[Ticket], None] | None = None) -> Ticket:
         """Validate and queue a request; raises InputError, QueueFull or Closed. `on_token(ticket, id)`
         runs after every generated token, `on_done(ticket)` once when the ticket ends, however it ends."""
-        need = self.engine.check([request])
-        if need > self.max_len:
-            raise InputError(f"prompt + generated tokens = {need}, more than this server's {self.max_len} per request")
-        rows = 2 if request.cfg_scale != 1 else 1
-        if rows > self.max_rows:
+        self.engine.check([request], self.max_len)
+        if request.rows() > self.max_rows:
             raise InputError(f"a guided request needs 2 rows, this batcher has {self.max_rows}")
         if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
             raise InputError(f"timeout must be a positive number of seconds, got {timeout}")
         t = Ticket(request, on_token, on_done, None if timeout is None else time.monotonic() + timeout)
-        t._stops = frozenset(request.stop if request.stop is not None else [self.engine.vocab.eos])
         with self.lock:
             if self.closed:
                 raise Closed("the server is shutting down and takes no new requests")
@@ -181,7 +168,7 @@ class Batcher:
 
     @property
     def rows_used(self) -> int:
-        return sum(len(t.rows) for t in self.running)
+        return self.core.rows_used
 
     @property
     def idle(self) -> bool:
@@ -227,14 +214,13 @@ class Batcher:
             self._admit()
             if not self.running:
                 return bool(self.queue)
-            chosen = self._choose()
+            chosen = self.core.choose()
+            ended, stopped = self.core.record(chosen)
             finished = []
-            for t, tok in zip(self.running, chosen.tolist()):
+            for t, tok, end, stop in zip(self.running, chosen.tolist(), ended.tolist(), stopped.tolist()):
                 t.tokens.append(tok)
-                if tok in t._stops:
-                    t.status = "finished"
-                elif len(t.tokens) >= t.total:
-                    t.status = "length"
+                if end:
+                    t.status = "finished" if stop else "length"
                 if t.on_token is not None:
                     try:
                         t.on_token(t, tok)
@@ -251,7 +237,7 @@ class Batcher:
             keep = [t.status == "running" for t in self.running]
             self._retire(finished)
             if self.running:
-                self._decode(chosen[torch.tensor(keep, device=chosen.device)])
+                self.core.decode(chosen[torch.tensor(keep, device=chosen.device)])
             return True
         except Exception as err:  # the model failed (e.g. out of memory): fail what was running, stay up
             for t in self.running:
@@ -279,26 +265,17 @@ class Batcher:
                 pass
 
     def _retire(self, tickets: list[Ticket]) -> None:
-        """Drop tickets from the batch and pack the remaining rows into [0, n)."""
+        """Drop tickets from the batch (the core packs the rows that remain)."""
         if not tickets:
             return
         gone = set(map(id, tickets))
         for t in tickets:
             self._end(t)
+        self.core.remove([i for i, t in enumerate(self.running) if id(t) in gone])
         self.running = [t for t in self.running if id(t) not in gone]
-        new = 0
-        for t in self.running:  # rows were assigned in ticket order, so a row only ever moves down
-            for j, old in enumerate(t.rows):
-                if old != new:
-                    self.cache.move_row(old, new, int(self.lengths[old]))
-                    self.lengths[new] = self.lengths[old]
-                    self.hidden[new] = self.hidden[old]
-                    t.rows[j] = new
-                new += 1
 
     def _admit(self) -> None:
         """Move queued requests that fit into the batch and prefill their prompts."""
-        e, v = self.engine, self.engine.vocab
         new: list[Ticket] = []
         with self.lock:
             used = self.rows_used
@@ -308,77 +285,14 @@ class Batcher:
                     self.queue.popleft()
                     self._end(t)
                     continue
-                need = 2 if t.request.cfg_scale != 1 else 1
-                if used + need > self.max_rows:
+                if used + t.request.rows() > self.max_rows:
                     break
                 self.queue.popleft()
-                t.rows = list(range(used, used + need))
-                used += need
+                used += t.request.rows()
                 new.append(t)
         if not new:
             return
-        prompts = []
         for t in new:
             t.status, t.started = "running", time.monotonic()
-            prompts.append(np.asarray(t.request.prompt))
-            if len(t.rows) == 2:
-                prompts.append(np.asarray(t.request.negative))
-            if t.request.allowed is not None:
-                t._text_ok = torch.zeros(v.size, dtype=torch.bool, device=e.device)
-                t._text_ok[torch.as_tensor(np.asarray(t.request.allowed), device=e.device)] = True
-        first, m = new[0].rows[0], len(prompts)
-        lens = torch.tensor([len(p) for p in prompts], device=e.device)
-        width = int(lens.max())
-        ids = torch.full((m, width), v.pad, dtype=torch.long)
-        for i, p in enumerate(prompts):  # right padding: row i fills columns [0, len)
-            ids[i, :len(p)] = torch.as_tensor(p)
-        ids = ids.to(e.device)
-        cols = torch.arange(width, device=e.device)
-        key_mask = cols[None, :] < lens[:, None]  # (m, width)
         self.running += new
-        hidden = e.hidden_states(ids, positions=cols.expand(m, width), key_mask=key_mask,
-                            cache=self.cache.rows(first, first + m))  # (m, width, H)
-        self.hidden[first:first + m] = hidden[torch.arange(m, device=e.device), lens - 1]
-        self.lengths[first:first + m] = lens
-
-    def _choose(self) -> torch.Tensor:
-        """One token per running request (n,), as `Engine.generate` would choose it at its own step."""
-        e, dev = self.engine, self.engine.device
-        run = self.running
-        n = len(run)
-        want = torch.tensor([t.want() for t in run], device=dev)
-        if e.fast and bool((want >= 0).all()):
-            return want  # every next token is forced: skip the head
-        guided = [i for i, t in enumerate(run) if len(t.rows) == 2]
-        rows = [t.rows[0] for t in run] + [run[i].rows[1] for i in guided]
-        hidden = self.hidden[torch.tensor(rows, device=dev)]  # requests' rows, then unconditional rows
-        g_idx = torch.tensor(guided, dtype=torch.long, device=dev)
-        u_idx = torch.arange(n, n + len(guided), device=dev)
-        scale = torch.tensor([run[i].request.cfg_scale for i in guided], device=dev)[:, None]
-        text_ok = e.text_ok[None]
-        if any(t._text_ok is not None for t in run):
-            text_ok = torch.stack([t._text_ok if t._text_ok is not None else e.text_ok for t in run])
-        scores, token_ids = guided_scores(e, hidden, want, torch.zeros(n, dtype=torch.bool, device=dev),
-                                          g_idx, u_idx, scale, text_ok)
-        visual = (want == VISUAL).tolist()
-        settings = [t.request.visual if vis else t.request.text for t, vis in zip(run, visual)]
-        temperature = torch.tensor([s.temperature for s in settings], device=dev)
-        top_k = torch.tensor([s.top_k for s in settings], device=dev)
-        top_p = torch.tensor([s.top_p for s in settings], device=dev)
-        seeds = torch.tensor([t.request.seed for t in run], dtype=torch.long, device=dev)
-        steps = torch.tensor([len(t.tokens) for t in run], dtype=torch.long, device=dev)
-        token = sample(scores, token_ids, seeds, steps, temperature, top_k, top_p)
-        return torch.where(want >= 0, want, token)
-
-    def _decode(self, chosen: torch.Tensor) -> None:
-        """Feed each running request's new token through its rows (both rows of a guided request)."""
-        dev = self.engine.device
-        owner = torch.tensor([i for i, t in enumerate(self.running) for _ in t.rows], device=dev)  # row -> request
-        n = len(owner)
-        lengths = self.lengths[:n].clone()
-        width = int(lengths.max()) + 1
-        key_mask = torch.arange(width, device=dev)[None, :] < lengths[:, None]  # (n, width): filled columns
-        hidden = self.engine.hidden_states(chosen[owner][:, None], positions=lengths[:, None], key_mask=key_mask,
-                                      cache=self.cache.rows(0, n), start=lengths)  # (n, 1, H)
-        self.hidden[:n] = hidden[:, -1]
-        self.lengths[:n] += 1
+        self.core.add([t.request for t in new])

@@ -16,6 +16,7 @@ import torch
 
 from . import __version__, media, threads
 from .errors import Emu3Error, InputError
+from .format import Text
 from .fsutil import atomic_file
 from .metrics import psnr, ssim
 from .tokenizer import TextTokenizer
@@ -284,6 +285,18 @@ def cmd_chat(args) -> None:
                    progress=not args.quiet))
 
 
+def cmd_interleave(args) -> None:
+    from .report import save_interleaved
+
+    emu = _pipeline(args)
+    segments = emu.generate_interleaved(args.prompt, max_images=args.max_images, max_new_tokens=args.max_new_tokens,
+                                        cfg_scale=args.cfg, seed=args.seed, temperature=args.temperature,
+                                        top_k=args.top_k, top_p=args.top_p, progress=not args.quiet)
+    page = save_interleaved(args.output, args.prompt, segments)
+    images = sum(not isinstance(s, Text) for s in segments)
+    print(f"wrote {page}: {len(segments) - images} text segment(s) and {images} image(s)")
+
+
 def cmd_generate_video(args) -> None:
     media.check_output_suffix(args.output, "video")
     emu = _pipeline(args)
@@ -382,7 +395,8 @@ def cmd_eval(args) -> None:
     if args.cfg is not None:  # the generation benchmark's guidance (and the video one's), for CFG sweeps
         emu.defaults.cfg_scale = args.cfg
     results = bench.evaluate(emu, generation=args.generation, understanding=args.understanding, video=args.video,
-                             tokenizer=args.tokenizer_images, inpainting=args.inpainting, seed=args.seed,
+                             tokenizer=args.tokenizer_images, inpainting=args.inpainting, stories=args.stories,
+                             seed=args.seed,
                              progress=not args.quiet, split=args.split)
     if args.json:
         with atomic_file(Path(args.json)) as tmp:
@@ -579,6 +593,17 @@ def build_parser() -> argparse.ArgumentParser:
     lm_opts(p)
     p.set_defaults(func=cmd_chat)
 
+    p = sub.add_parser("interleave", help="text and images in one answer, the model deciding where images go")
+    p.add_argument("prompt")
+    p.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="writes DIR/index.html, DIR/image-K.png and DIR/segments.json")
+    p.add_argument("--max-images", type=int, default=8, help="at most this many images (1-8)")
+    p.add_argument("--max-new-tokens", type=int, help="default: room for every image and some text")
+    lm_opts(p)
+    p.add_argument("--cfg", type=float, help="guidance scale for the images (default: the model's; 1 = off)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_interleave)
+
     p = sub.add_parser("generate-video", help="text-to-video")
     p.add_argument("prompt")
     p.add_argument("-o", "--output", required=True, metavar="OUT.mp4")
@@ -612,13 +637,16 @@ def build_parser() -> argparse.ArgumentParser:
     guidance_opts(p)
     p.set_defaults(func=cmd_inpaint)
 
-    p = sub.add_parser("eval", help="score a model on the shapes world (generation, understanding, video, tokenizer)")
+    p = sub.add_parser("eval", help="score a model on the shapes world (generation, understanding, video, tokenizer, "
+                                    "stories)")
     p.add_argument("--generation", type=int, default=32, metavar="N", help="prompts per category (0: skip)")
     p.add_argument("--understanding", type=int, default=200, metavar="N", help="questions (0: skip)")
     p.add_argument("--video", type=int, default=24, metavar="N", help="clips to extend (0: skip)")
     p.add_argument("--tokenizer-images", type=int, default=128, metavar="N", help="images to reconstruct (0: skip)")
     p.add_argument("--inpainting", type=int, default=64, metavar="N",
                    help="scenes to inpaint (0: skip; run only for a model trained with order=spiral)")
+    p.add_argument("--stories", type=int, default=48, metavar="N",
+                   help="stories to continue, text and images interleaved (0: skip)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--cfg", type=float, help="guidance scale for generation and video (default: the model's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -763,9 +791,10 @@ _RANGES: dict[str, tuple[float | str, float | None]] = {  # (lowest, highest or 
     "duration": (_ABOVE_0, None),
     "max_frames": (1, None), "frame_limit": (1, None), "num_frames": (1, None), "temperature": (0, None),
     "top_k": (0, None), "top_p": (_ABOVE_0, 1), "cfg": (0, None), "n": (1, None), "image_area": (64, None),
-    "batch_size": (1, None), "max_new_tokens": (1, None), "frames": (1, None), "rings": (0, None),
+    "batch_size": (1, None), "max_new_tokens": (1, None), "max_images": (1, 8), "frames": (1, None), "rings": (0, None),
     "generation": (0, None), "understanding": (0, None), "video": (0, None), "tokenizer_images": (0, None),
-    "inpainting": (0, None), "episodes": (1, None), "horizon": (1, None), "history": (0, 1), "port": (0, 65535),
+    "inpainting": (0, None), "stories": (0, None), "episodes": (1, None), "horizon": (1, None), "history": (0, 1),
+    "port": (0, 65535),
     "max_rows": (1, None), "max_queue": (0, None), "timeout": (_ABOVE_0, None), "max_body_mb": (1, 4096),
     "vq_steps": (1, None), "lm_steps": (1, None), "parts": (1, None), "workers": (1, 256), "shard_size": (1, None),
     "vocab_size": (1, None), "codebook_size": (1, None), "min_frequency": (1, None),

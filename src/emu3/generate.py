@@ -72,9 +72,23 @@ class Request:
     seed: int = 0
     allowed: np.ndarray | None = None  # ids free-text steps may emit (default: the BPE ids and EOS)
     stop: tuple[int, ...] | None = None  # ids that end the row, kept in the result (default: EOS)
+    # images inside free text (interleaved output): up to max_images times the model may emit BOI, which is
+    # followed by image_header (the rest of the header: "{h}*{w}" and IMG) and an image_grid (h, w) of codes
+    max_images: int = 0
+    image_header: np.ndarray | None = None
+    image_grid: tuple[int, int] | None = None
 
     def steps(self) -> int:
         return len(self.template) if self.template is not None else self.max_new_tokens
+
+    def rows(self) -> int:
+        """Cache rows: two for a guided request (conditional and unconditional), else one."""
+        return 2 if self.cfg_scale != 1 else 1
+
+    def image_steps(self) -> int:
+        """Steps one image inside free text takes: BOI, the header's rest, the grid, EOF and EOI."""
+        h, w = self.image_grid
+        return 1 + len(self.image_header) + h * (w + 1) + 2
 
 
 @dataclass
@@ -158,7 +172,7 @@ class Engine:
         if self.vocab.size != model.config.vocab_size:
             raise InputError(f"the tokenizer has {self.vocab.size} ids but the model {model.config.vocab_size}")
         self.fast = fast
-        # the model's forward to hidden states (compiled with compile=True); the batcher calls it too
+        # the model's forward to hidden states (compiled with compile=True)
         self.hidden_states = torch.compile(model.hidden_states, dynamic=True) if compile else model.hidden_states
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -171,8 +185,10 @@ class Engine:
         self.visual_ok = torch.zeros(v.size, dtype=torch.bool, device=self.device)
         self.visual_ok[v.visual_offset:] = True
 
-    def check(self, requests: list[Request]) -> int:
-        """Validate before any compute; returns the cache length needed."""
+    def check(self, requests: list[Request], max_len: int | None = None) -> int:
+        """Validate before any compute (the one place every caller's requests are checked: the library,
+        the command line and the server); returns the cache length the longest needs. `max_len`: a lower
+        limit than the model's context (a server's)."""
         if not requests:
             raise InputError("no requests")
         limit = self.model.config.max_position_embeddings
@@ -198,61 +214,74 @@ class Engine:
                                          f"[0, {self.vocab.size})")
             if r.template is None and r.max_new_tokens < 1:
                 raise InputError(f"request {i}: max_new_tokens must be >= 1, got {r.max_new_tokens}")
+            if r.max_images:
+                if r.template is not None:
+                    raise InputError(f"request {i}: images inside free text (max_images) need a free-text request, "
+                                     "not a template")
+                if r.image_header is None or r.image_grid is None:
+                    raise InputError(f"request {i}: max_images {r.max_images} needs image_header and image_grid")
             longest = max(len(r.prompt), len(r.negative) if r.negative is not None and r.cfg_scale != 1 else 0)
             total = longest + r.steps()
             if total > limit:
                 raise InputError(f"request {i}: prompt ({longest} tokens) + up to {r.steps()} generated tokens = "
                                  f"{total}, more than the model's context of {limit} tokens")
+            if max_len is not None and total > max_len:
+                raise InputError(f"request {i}: prompt + generated tokens = {total}, more than this server's "
+                                 f"{max_len} per request")
             need = max(need, total)
         return need
 
     @torch.no_grad()
     def generate(self, requests: list[Request], on_step: Callable[[int, int], None] | None = None) -> list[Result]:
-        """Run the requests as one batch until every row has emitted EOS or used its steps."""
-        run = _Run(self, requests)
-        v = self.vocab
-        for step in range(run.steps):
-            want = run.templates[:, step]
-            forced = want >= 0
-            if self.fast and bool((forced | run.done).all()):
-                token = want  # nothing to choose: skip the head
-            else:
-                scores, token_ids = run.scores(step)
-                temperature, top_k, top_p = run.sampling(want)
-                token = sample(scores, token_ids, run.seeds, step, temperature, top_k, top_p)
-                token = torch.where(forced, want, token)
-            token = torch.where(run.done, torch.full_like(token, v.pad), token)
-            run.out[:, step] = token
-            run.done = run.done | (token[:, None] == run.stops).any(1) | (step + 1 >= run.lengths)
-            if bool(run.done.all()):
-                break
-            run.advance(token, step)
-            if on_step is not None:
-                on_step(step + 1, run.steps)
-        results = []
-        for i, r in enumerate(requests):
-            toks = run.out[i, : min(step + 1, r.steps())].cpu().numpy()
-            end = np.flatnonzero(np.isin(toks, r.stop if r.stop is not None else [v.eos]))
-            results.append(Result(toks[: end[0] + 1] if len(end) else toks, bool(len(end))))
-        return results
+        """Run the requests as one batch until every one has emitted a stop id or used its steps."""
+        need = self.check(requests)
+        core = Decoder(self, sum(r.rows() for r in requests), need)
+        core.add(requests)
+        out = [[] for _ in requests]
+        index = list(range(len(requests)))  # core position -> request
+        finished = [False] * len(requests)
+        total, step = max(r.steps() for r in requests), 0
+        while core.n:
+            token = core.choose()
+            ended, stopped = core.record(token)
+            for j, tok in enumerate(token.tolist()):
+                out[index[j]].append(tok)
+            done = ended.nonzero().flatten().tolist()
+            for j in done:
+                finished[index[j]] = bool(stopped[j])
+            if done:
+                core.remove(done)
+                keep = torch.ones(len(index), dtype=torch.bool, device=token.device)
+                keep[done] = False
+                token = token[keep]
+                index = [k for j, k in enumerate(index) if j not in set(done)]
+            step += 1
+            if core.n:
+                core.decode(token)
+                if on_step is not None:
+                    on_step(step, total)
+        return [Result(np.asarray(t, dtype=np.int64), f) for t, f in zip(out, finished)]
 
     @torch.no_grad()
     def next_token_scores(self, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
         """The guided, constrained scores the sampler sees for each request's first generated token:
         (scores (n, V'), token ids (V',)); scores are log-probabilities up to a per-row constant."""
-        return _Run(self, requests).scores(0)
+        core = Decoder(self, sum(r.rows() for r in requests), self.check(requests))
+        core.add(requests)
+        return core.scores(core.want())
 
 
-def guided_scores(e: Engine, hidden: torch.Tensor, want: torch.Tensor, done: torch.Tensor, g_idx: torch.Tensor,
-                  u_idx: torch.Tensor, scale: torch.Tensor, text_ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def guided_scores(e: Engine, hidden: torch.Tensor, want: torch.Tensor, g_idx: torch.Tensor, u_idx: torch.Tensor,
+                  scale: torch.Tensor, text_ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Constrained, guided scores (n, V') and their token ids (V',) for n requests.
 
     hidden (rows, H): the n requests' rows first, then one unconditional row per guided request;
     want (n,): template value of each request's step; g_idx: the guided requests, u_idx: their
-    unconditional rows, scale (len(g_idx), 1); text_ok (1 or n, V): what free-text steps may emit."""
+    unconditional rows, scale (len(g_idx), 1); text_ok (1 or n, V): what free-text steps may emit.
+    Guidance mixes the visual steps only: text inside an interleaved answer is sampled as text."""
     v = e.vocab
     visual_step = want == VISUAL
-    only_visual = e.fast and bool((visual_step | done | (want >= 0)).all())
+    only_visual = e.fast and bool((visual_step | (want >= 0)).all())
     if only_visual:  # the visual rows of the head only
         logits, token_ids = e.model.logits(hidden, slice(v.visual_offset, v.size)), e.visual_ids
     else:
@@ -262,6 +291,7 @@ def guided_scores(e: Engine, hidden: torch.Tensor, want: torch.Tensor, done: tor
     if len(g_idx):
         logp = torch.log_softmax(logits, dim=-1)
         mixed = scale * (logp[g_idx] - logp[u_idx]) + logp[u_idx]
+        mixed = torch.where(visual_step[g_idx, None], mixed, scores[g_idx])
         scores = scores.index_copy(0, g_idx, mixed)
     if not only_visual:
         allowed = torch.where(visual_step[:, None], e.visual_ok[None], text_ok)  # (n, V)
@@ -269,68 +299,203 @@ def guided_scores(e: Engine, hidden: torch.Tensor, want: torch.Tensor, done: tor
     return scores, token_ids
 
 
-class _Run:
-    """The state of one batch: padded prompts, cache, templates, per-row sampling settings."""
+class Decoder:
+    """The one decoding core: the requests being decoded, their rows of one preallocated KV cache, and a
+    step (constraints, guidance, sampling). `Engine.generate` adds a fixed batch and runs it to its end;
+    `emu3.batching.Batcher` adds and removes requests between steps.
 
-    def __init__(self, engine: Engine, requests: list[Request]):
-        engine.check(requests)
-        self.engine = e = engine
-        v, dev = e.vocab, e.device
-        n = len(requests)
-        guided = [i for i, r in enumerate(requests) if r.cfg_scale != 1]
-        prompts = [np.asarray(r.prompt) for r in requests] + [np.asarray(requests[i].negative) for i in guided]
-        rows = len(prompts)
-        self.p_len = p_len = max(len(p) for p in prompts)
-        self.steps = steps = max(r.steps() for r in requests)
-        ids = torch.full((rows, p_len), v.pad, dtype=torch.long)
-        self.key_mask = torch.ones((rows, p_len + steps), dtype=torch.bool)
-        for i, p in enumerate(prompts):  # left padding: every prompt ends at column p_len - 1
-            ids[i, p_len - len(p):] = torch.as_tensor(p)
-            self.key_mask[i, : p_len - len(p)] = False
-        ids, self.key_mask = ids.to(dev), self.key_mask.to(dev)
-        positions = (self.key_mask[:, :p_len].long().cumsum(1) - 1).clamp(min=0)
-        templates = torch.full((n, steps), v.pad, dtype=torch.long)
+    Every cache row has its own length: prompts are prefilled right-padded into their rows, and a step
+    writes row b's key and value at its column lengths[b], at position lengths[b]. Every request counts
+    its own steps, for its template and its seeded sampler, so a request's tokens do not depend on what
+    else is decoded beside it. Rows stay packed: when a request leaves, the rows after it move down (a
+    copy of their filled columns), so a step runs on rows [0, rows_used) only; a guided request's two
+    rows (conditional, unconditional) are adjacent, join and leave together.
+
+    Per request (packed in running order; tensors so that a step has no per-request Python work): its
+    template (what each step may emit), step counter, total steps, seed, stop ids, what free text may
+    emit, sampling settings for visual and text steps, guidance scale. A free-text request with
+    `max_images` opens an image when it emits BOI: its template gets the image's header and grid from
+    the next step on (`Request.image_header`, `image_grid`), then it is back in free text."""
+
+    def __init__(self, engine: Engine, max_rows: int, max_len: int):
+        e, cfg, dev = engine, engine.model.config, engine.device
+        self.engine, self.max_rows, self.max_len = e, max_rows, max_len
+        self.cache = KVCache(cfg, max_rows, max_len, dev, e.dtype)
+        self.lengths = torch.zeros(max_rows, dtype=torch.long, device=dev)  # filled columns per row
+        self.hidden = torch.zeros(max_rows, cfg.hidden_size, dtype=e.dtype, device=dev)
+        self.requests: list[Request] = []
+        self.rows: list[list[int]] = []  # per request: its cache rows (conditional, then unconditional)
+        long, dev_kw = torch.long, {"device": dev}
+        self.template = torch.zeros((0, max_len), dtype=long, **dev_kw)
+        self.step = torch.zeros(0, dtype=long, **dev_kw)
+        self.total = torch.zeros(0, dtype=long, **dev_kw)
+        self.seeds = torch.zeros(0, dtype=long, **dev_kw)
+        self.stops = torch.full((0, 1), -1, dtype=long, **dev_kw)  # (n, S), -1 = none
+        self.scale = torch.ones(0, **dev_kw)
+        self.images = torch.zeros(0, dtype=long, **dev_kw)  # images opened in free text
+        self.max_images = torch.zeros(0, dtype=long, **dev_kw)
+        self.image_need = torch.zeros(0, dtype=long, **dev_kw)  # steps an image takes, +1 for the end
+        self.text_ok: torch.Tensor | None = None  # (n, V) when some request has its own, else the engine's
+        self.samp = {kind: [torch.zeros(0, **dev_kw), torch.zeros(0, dtype=long, **dev_kw), torch.ones(0, **dev_kw)]
+                     for kind in ("visual", "text")}
+
+    @property
+    def n(self) -> int:
+        return len(self.requests)
+
+    @property
+    def rows_used(self) -> int:
+        return sum(len(r) for r in self.rows)
+
+    def add(self, requests: list[Request]) -> None:
+        """Prefill checked requests (`Engine.check`) into the next free rows; the caller made sure they fit."""
+        e, v, dev = self.engine, self.engine.vocab, self.engine.device
+        first = used = self.rows_used
+        prompts = []
+        for r in requests:
+            self.rows.append(list(range(used, used + r.rows())))
+            used += r.rows()
+            prompts.append(np.asarray(r.prompt))
+            if r.rows() == 2:
+                prompts.append(np.asarray(r.negative))
+        if used > self.max_rows:
+            raise InputError(f"{used} rows needed, this decoder has {self.max_rows}")
+        self.requests += requests
+        m = len(prompts)
+        lens = torch.tensor([len(p) for p in prompts], device=dev)
+        width = int(lens.max())
+        ids = torch.full((m, width), v.pad, dtype=torch.long)
+        for i, p in enumerate(prompts):  # right padding: row i fills columns [0, len)
+            ids[i, :len(p)] = torch.as_tensor(p)
+        cols = torch.arange(width, device=dev)
+        hidden = e.hidden_states(ids.to(dev), positions=cols.expand(m, width), key_mask=cols[None, :] < lens[:, None],
+                                 cache=self.cache.rows(first, first + m))  # (m, width, H)
+        self.hidden[first:first + m] = hidden[torch.arange(m, device=dev), lens - 1]
+        self.lengths[first:first + m] = lens
+
+        templates = torch.full((len(requests), self.max_len), v.pad, dtype=torch.long)
         for i, r in enumerate(requests):
             t = torch.as_tensor(r.template) if r.template is not None else torch.full((r.max_new_tokens,), TEXT)
             templates[i, :len(t)] = t
-        self.templates = templates.to(dev)
-        self.lengths = torch.tensor([r.steps() for r in requests], device=dev)
-        self.cond_of = torch.tensor(list(range(n)) + guided, device=dev)  # the request each row follows
-        self.g_idx = torch.tensor(guided, dtype=torch.long, device=dev)
-        self.u_idx = torch.arange(n, rows, device=dev)
-        self.scale = torch.tensor([requests[i].cfg_scale for i in guided], device=dev)[:, None]
-        self.seeds = torch.tensor([r.seed for r in requests], dtype=torch.long, device=dev)
-        self.text_ok = e.text_ok[None]  # (1 or n, V): what free-text steps may emit
-        if any(r.allowed is not None for r in requests):
-            self.text_ok = e.text_ok[None].repeat(n, 1)
-            for i, r in enumerate(requests):
-                if r.allowed is not None:
-                    self.text_ok[i] = False
-                    self.text_ok[i, torch.as_tensor(np.asarray(r.allowed), device=dev)] = True
+        cat = lambda old, new: torch.cat([old, torch.as_tensor(new, device=dev).to(old.dtype)])  # noqa: E731
+        self.template = cat(self.template, templates)
+        self.step = cat(self.step, [0] * len(requests))
+        self.total = cat(self.total, [r.steps() for r in requests])
+        self.seeds = cat(self.seeds, [r.seed for r in requests])
+        self.scale = cat(self.scale, [r.cfg_scale for r in requests])
+        self.images = cat(self.images, [0] * len(requests))
+        self.max_images = cat(self.max_images, [r.max_images for r in requests])
+        self.image_need = cat(self.image_need, [r.image_steps() + 1 if r.max_images else 0 for r in requests])
+        for kind in ("visual", "text"):
+            self.samp[kind] = [cat(old, [getattr(getattr(r, kind), a) for r in requests])
+                               for old, a in zip(self.samp[kind], ("temperature", "top_k", "top_p"))]
         stops = [list(r.stop) if r.stop is not None else [v.eos] for r in requests]
-        width = max(len(x) for x in stops)
-        self.stops = torch.tensor([x + [-1] * (width - len(x)) for x in stops], device=dev)  # (n, S), -1 = none
-        self.samp = {kind: [torch.tensor([getattr(getattr(r, kind), a) for r in requests], device=dev)
-                            for a in ("temperature", "top_k", "top_p")] for kind in ("visual", "text")}
-        self.cache = KVCache(e.model.config, rows, p_len + steps, dev, e.dtype)
-        self.hidden = e.hidden_states(ids, positions=positions, key_mask=self.key_mask[:, :p_len],
-                                      cache=self.cache)[:, -1]
-        self.last_pos = positions[:, -1]
-        self.out = torch.full((n, steps), v.pad, dtype=torch.long, device=dev)
-        self.done = torch.zeros(n, dtype=torch.bool, device=dev)
+        width = max(self.stops.shape[1], *map(len, stops))
+        old = torch.nn.functional.pad(self.stops, (0, width - self.stops.shape[1]), value=-1)
+        self.stops = torch.cat([old, torch.tensor([x + [-1] * (width - len(x)) for x in stops], device=dev)])
+        own = [self._text_ok(r) for r in requests]
+        if self.text_ok is not None or any(x is not None for x in own):
+            before = self.text_ok if self.text_ok is not None else e.text_ok[None].repeat(self.n - len(requests), 1)
+            self.text_ok = torch.cat([before, torch.stack([x if x is not None else e.text_ok for x in own])])
 
-    def scores(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return guided_scores(self.engine, self.hidden, self.templates[:, step], self.done, self.g_idx, self.u_idx,
-                             self.scale, self.text_ok)
+    def _text_ok(self, r: Request) -> torch.Tensor | None:
+        """What request r's free-text steps may emit, when not the engine's default (BPE ids and EOS)."""
+        e, v = self.engine, self.engine.vocab
+        if r.allowed is None and not r.max_images:
+            return None
+        ok = e.text_ok.clone()
+        if r.allowed is not None:
+            ok[:] = False
+            ok[torch.as_tensor(np.asarray(r.allowed), device=e.device)] = True
+        if r.max_images:
+            ok[v.boi] = True  # while there is room for a whole image (choose)
+        return ok
 
-    def sampling(self, want: torch.Tensor):
-        visual_step = want == VISUAL
-        return (torch.where(visual_step, a, b) for a, b in zip(self.samp["visual"], self.samp["text"]))
+    def want(self) -> torch.Tensor:
+        """(n,) what each request's step may emit: an id, VISUAL or TEXT."""
+        return self.template[torch.arange(self.n, device=self.template.device), self.step]
 
-    def advance(self, token: torch.Tensor, step: int) -> None:
-        """Feed the chosen tokens (each unconditional row gets its request's token) through the model."""
-        self.last_pos = self.last_pos + 1
-        start = self.p_len + step
-        self.hidden = self.engine.hidden_states(token[self.cond_of][:, None], positions=self.last_pos[:, None],
-                                           key_mask=self.key_mask[:, :start + 1], cache=self.cache, start=start)[:, -1]
+    def scores(self, want: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Constrained, guided scores of the running requests (`guided_scores`)."""
+        dev = self.engine.device
+        guided = [i for i, rows in enumerate(self.rows) if len(rows) == 2]
+        rows = [r[0] for r in self.rows] + [self.rows[i][1] for i in guided]
+        hidden = self.hidden[torch.tensor(rows, device=dev)]  # requests' rows, then unconditional rows
+        g_idx = torch.tensor(guided, dtype=torch.long, device=dev)
+        u_idx = torch.arange(self.n, self.n + len(guided), device=dev)
+        text_ok = self.text_ok if self.text_ok is not None else self.engine.text_ok[None]
+        return guided_scores(self.engine, hidden, want, g_idx, u_idx, self.scale[g_idx][:, None], text_ok)
+
+    def choose(self) -> torch.Tensor:
+        """One token for every running request (n,), each at its own step."""
+        want = self.want()
+        if self.text_ok is not None and bool((self.max_images > 0).any()):  # BOI while a whole image fits
+            room = (self.images < self.max_images) & (self.total - self.step >= self.image_need)
+            boi = self.engine.vocab.boi
+            self.text_ok[:, boi] = torch.where(self.max_images > 0, room, self.text_ok[:, boi])
+        forced = want >= 0
+        if self.engine.fast and bool(forced.all()):
+            return want  # nothing to choose: skip the head
+        scores, token_ids = self.scores(want)
+        visual = want == VISUAL
+        temperature, top_k, top_p = (torch.where(visual, a, b) for a, b in zip(self.samp["visual"], self.samp["text"]))
+        token = sample(scores, token_ids, self.seeds, self.step, temperature, top_k, top_p)
+        return torch.where(forced, want, token)
+
+    def record(self, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Count a step with the chosen tokens (n,): returns (ended, stopped), both (n,) bool: the request
+        emitted a stop id (stopped) or used all its steps. A free-text request that emitted BOI gets the
+        image's header and grid in its template from the next step on."""
+        v = self.engine.vocab
+        want = self.want()
+        opened = ((want == TEXT) & (token == v.boi) & (self.max_images > 0)).nonzero().flatten().tolist()
+        self.step += 1
+        for i in opened:  # rare: Python work only when an image opens
+            self._open_image(i)
+        stopped = (token[:, None] == self.stops).any(1)
+        return stopped | (self.step >= self.total), stopped
+
+    def _open_image(self, i: int) -> None:
+        r, v = self.requests[i], self.engine.vocab
+        part = torch.as_tensor(np.concatenate([r.image_header, image_template(v, *r.image_grid, eos=False)]),
+                               device=self.template.device)
+        s = int(self.step[i])
+        self.template[i, s:s + len(part)] = part
+        self.images[i] += 1
+
+    def remove(self, idx: list[int]) -> None:
+        """Drop requests (positions in running order) and pack the remaining rows into [0, rows_used)."""
+        gone = set(idx)
+        keep = [i for i in range(self.n) if i not in gone]
+        self.requests = [self.requests[i] for i in keep]
+        rows = [self.rows[i] for i in keep]
+        new = 0
+        for r in rows:  # rows were assigned in request order, so a row only ever moves down
+            for j, old in enumerate(r):
+                if old != new:
+                    self.cache.move_row(old, new, int(self.lengths[old]))
+                    self.lengths[new] = self.lengths[old]
+                    self.hidden[new] = self.hidden[old]
+                    r[j] = new
+                new += 1
+        self.rows = rows
+        k = torch.tensor(keep, dtype=torch.long, device=self.engine.device)
+        for name in ("template", "step", "total", "seeds", "stops", "scale", "images", "max_images", "image_need"):
+            setattr(self, name, getattr(self, name)[k])
+        if self.text_ok is not None:
+            self.text_ok = self.text_ok[k]
+        self.samp = {kind: [x[k] for x in xs] for kind, xs in self.samp.items()}
+
+    def decode(self, token: torch.Tensor) -> None:
+        """Feed each running request's new token (n,) through its rows (both rows of a guided request)."""
+        dev = self.engine.device
+        owner = torch.tensor([i for i, rows in enumerate(self.rows) for _ in rows], device=dev)  # row -> request
+        m = len(owner)
+        lengths = self.lengths[:m].clone()
+        width = int(lengths.max()) + 1
+        key_mask = torch.arange(width, device=dev)[None, :] < lengths[:, None]  # (m, width): filled columns
+        hidden = self.engine.hidden_states(token[owner][:, None], positions=lengths[:, None], key_mask=key_mask,
+                                           cache=self.cache.rows(0, m), start=lengths)  # (m, 1, H)
+        self.hidden[:m] = hidden[:, -1]
+        self.lengths[:m] += 1
 

@@ -22,7 +22,17 @@ import torch
 from .checkpoint import load_model, model_folder, read_json
 from .checkpoint import vision_folder as checkpoint_vision_folder
 from .errors import CheckpointError, InputError
-from .format import NEGATIVE_PROMPT, POSITIVE_SUFFIX, RELEASED_CHAT_TEMPLATE, Formatter, Image, Video, generation_grid
+from .format import (
+    MAX_INTERLEAVED_IMAGES,
+    NEGATIVE_PROMPT,
+    POSITIVE_SUFFIX,
+    RELEASED_CHAT_TEMPLATE,
+    Formatter,
+    Image,
+    Text,
+    Video,
+    generation_grid,
+)
 from .generate import Engine, Request, Sampling, image_template, video_template
 from .model import Emu3LM
 from .orders import border_tokens
@@ -82,6 +92,14 @@ class Generated:
     pixels: np.ndarray  # (H, W, 3) or (T, H, W, 3)
     tokens: np.ndarray
     seconds: float
+
+
+@dataclass
+class Picture:
+    """An image inside an interleaved answer: its codes (h, w) and pixels (H, W, 3) uint8."""
+
+    codes: np.ndarray
+    pixels: np.ndarray
 
 
 class Emu3:
@@ -221,6 +239,61 @@ class Emu3:
             codes, pixels = self.image_result(req, res.tokens)
             out.append(Generated(prompt, s, codes, pixels, res.tokens, seconds))
         return out
+
+    def interleaved_request(self, prompt: str, max_images: int = MAX_INTERLEAVED_IMAGES,
+                            max_new_tokens: int | None = None, grid: tuple[int, int] | None = None,
+                            cfg_scale: float | None = None, seed: int = 0, temperature: float | None = None,
+                            top_k: int | None = None, top_p: float | None = None,
+                            text_temperature: float | None = None) -> Request:
+        """The engine request for an interleaved answer: `B prompt` continued by the model with text and
+        images where it opens them (BOI), each image of `grid` (default: the model's), up to `max_images`.
+        Guidance applies to the images; the negative twin is `B` alone, followed by the same tokens."""
+        _need_prompt(prompt)
+        self.require_vision()
+        if not 1 <= max_images <= MAX_INTERLEAVED_IMAGES:
+            raise InputError(f"max_images must be in [1, {MAX_INTERLEAVED_IMAGES}], got {max_images}")
+        fmt, v = self.formatter(), self.vocab
+        h, w = grid or self.grid()
+        ids = np.concatenate([[v.bos], fmt.text(prompt)]).astype(np.int64)
+        header = fmt.image_header(h, w)[1:]
+        per_image = 1 + len(header) + h * (w + 1) + 2
+        if max_new_tokens is None:  # room for every image and some text around each, within the context
+            room = self.model.config.max_position_embeddings - len(ids)
+            max_new_tokens = max(1, min(max_images * (per_image + 32) + 32, room))
+        return Request(ids, max_new_tokens=max_new_tokens, negative=np.array([v.bos], dtype=np.int64),
+                       cfg_scale=self.defaults.cfg_scale if cfg_scale is None else cfg_scale,
+                       visual=self._image_sampling(temperature, top_k, top_p),
+                       text=self._text_sampling(text_temperature, None, None), seed=seed,
+                       max_images=max_images, image_header=header, image_grid=(h, w))
+
+    def interleaved_result(self, request: Request, tokens: np.ndarray) -> list[Text | Picture]:
+        """The segments the model wrote after the prompt, in order: Text, and Picture for complete images."""
+        segments = self.formatter().parse(np.concatenate([request.prompt, tokens]), strict=False)[1:]
+        out = []
+        for s in segments:
+            if isinstance(s, Image):
+                if s.complete:
+                    out.append(Picture(s.codes, self.require_vision().decode_image(s.codes)))
+            elif isinstance(s, Text) and s.text.strip():
+                out.append(Text(s.text.strip()))
+        return out
+
+    def generate_interleaved(self, prompt: str | list[str], max_images: int = MAX_INTERLEAVED_IMAGES,
+                             max_new_tokens: int | None = None, cfg_scale: float | None = None, seed: int = 0,
+                             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                             batch_size: int = 8, progress: bool = False) -> list:
+        """Text and images in one output sequence, the model deciding where an image starts: the segments
+        after `prompt` (format.Text and Picture), in order. Given a list of prompts, one such list per
+        prompt (prompt i uses seed + i), run in batches of `batch_size`."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise InputError("need at least one prompt")
+        reqs = [self.interleaved_request(p, max_images, max_new_tokens, cfg_scale=cfg_scale, seed=seed + i,
+                                         temperature=temperature, top_k=top_k, top_p=top_p)
+                for i, p in enumerate(prompts)]
+        results = self._run(reqs, batch_size, progress)
+        out = [self.interleaved_result(r, res.tokens) for r, (res, _) in zip(reqs, results)]
+        return out[0] if isinstance(prompt, str) else out
 
     def chat_request(self, image, question: str, max_new_tokens: int | None = None, template: str | None = None,
                      temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,

@@ -1,9 +1,11 @@
 """`emu3 report -o report/`: one self-contained HTML page (images and videos inlined as data URIs) that
 shows what a model does on the shapes world: generated images for prompts of every evaluation
-category with the detector's verdict, answers to questions about held-out images, generated and
-extended videos, tokenizer reconstructions, inpainting (for a model trained in the spiral-in order), the
-evaluation table and, given a VLA model, rollouts of the policy on the table-top task (a success and a
-failure).
+category with the detector's verdict, answers to questions about held-out images, stories written with
+their pictures (interleaved), generated and extended videos, tokenizer reconstructions, inpainting (for a
+model trained in the spiral-in order), the evaluation table and, given a VLA model, rollouts of the policy
+on the table-top task (a success and a failure).
+
+Also `save_interleaved` (`emu3 interleave PROMPT -o DIR`): an interleaved answer as a folder.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +23,8 @@ from PIL import Image
 
 from . import media
 from .eval import bench
-from .fsutil import atomic_file
+from .format import Text
+from .fsutil import atomic_dir, atomic_file
 from .world.motion import describe, sample_clip
 from .world.scenes import inventory, questions, render, sample_scene
 
@@ -50,6 +54,53 @@ h1{margin-bottom:0}.sub{color:#666;margin-top:4px}section{margin-top:28px}
 .grid{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;width:200px}figure img{width:192px;image-rendering:pixelated;
 border:1px solid #ccc}figcaption{font-size:13px;margin-top:4px}.ok{color:#1a7f37}.no{color:#c62828}
 table{border-collapse:collapse;margin-top:8px}td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}"""
+
+
+def save_interleaved(out: str | Path, prompt: str, segments: list) -> Path:
+    """Write an interleaved answer (format.Text and pipeline.Picture segments) as a folder, atomically:
+    image-K.png for the K-th image (from 1), segments.json (the prompt, then {"type": "text", "text": ...}
+    or {"type": "image", "path": "image-K.png", "codes": [h, w]} in order) and index.html (one
+    self-contained page: the prompt, then text and images in order). Returns index.html's path."""
+    out = Path(out)
+    items, body = [{"type": "text", "text": prompt}], [f"<p><b>{html.escape(prompt)}</b></p>"]
+    with atomic_dir(out) as tmp:
+        k = 0
+        for s in segments:
+            if isinstance(s, Text):
+                items.append({"type": "text", "text": s.text})
+                body.append(f"<p>{html.escape(s.text)}</p>")
+            else:
+                k += 1
+                name = f"image-{k}.png"
+                Image.fromarray(s.pixels).save(tmp / name)
+                items.append({"type": "image", "path": name, "codes": list(s.codes.shape)})
+                body.append(_figure(_png(s.pixels), name))
+        (tmp / "segments.json").write_text(json.dumps(items, indent=1), encoding="utf-8")
+        page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(prompt)}</title>"
+                f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+        (tmp / "index.html").write_text(page, encoding="utf-8")
+    return out / "index.html"
+
+
+def stories_section(emu, seed: int, n: int = 3) -> str:
+    """Held-out stories: the world's first sentence, then what the model wrote, text and pictures, with the
+    evaluator's verdict on each step."""
+    from .world.build import story
+
+    rng = np.random.default_rng(seed)
+    stories = [story(rng) for _ in range(n)]
+    answers = emu.generate_interleaved([s[0][0] for s in stories], seed=seed)
+    rows = []
+    for st, segments in zip(stories, answers):
+        steps = bench.story_steps(segments)
+        verdict = bench.score_story(bench.first_object(st[0][0]), steps)
+        blank = np.full((64, 64, 3), 255, np.uint8)  # a step whose picture the model did not draw
+        figs = [_figure(_png(im if im is not None else blank), f"{t or st[0][0]}", ok)
+                for (t, im), ok in zip(steps, verdict + [None] * len(steps))]
+        rows.append('<div class="grid">' + "".join(figs) + "</div>")
+    return ('<section><h2>Stories (interleaved text and images)</h2><p>Given the first sentence of a held-out story, '
+            "the model writes the rest, deciding where each picture starts; the mark is the evaluator's verdict on "
+            "each step.</p>" + "".join(rows) + "</section>")
 
 
 def vla_section(policy, seed: int = 200_000, tries: int = 8, most: int = 32) -> str:
@@ -99,7 +150,7 @@ def build_report(emu, out: str, seed: int = 50_000, eval_sizes: dict | None = No
     t0 = time.time()
     rng = np.random.default_rng(seed)
     parts = []
-    sections = ["text to image", "questions", "videos", "tokenizer"]
+    sections = ["text to image", "questions", "stories", "videos", "tokenizer"]
     sections += ["inpainting"] * (emu.defaults.order == "spiral") + ["policy in the loop"] * (vla is not None)
     sections.append("evaluation")
     bar = None
@@ -129,6 +180,8 @@ def build_report(emu, out: str, seed: int = 50_000, eval_sizes: dict | None = No
         qa.append(_figure(_png(render(scene)), f"{q}? -> {answer} (truth: {a})", bench.final_answer(answer) == a))
     parts.append('<section><h2>Questions about held-out images</h2><div class="grid">' + "".join(qa) +
                  "</div></section>")
+    section("stories")
+    parts.append(stories_section(emu, seed))
     section("videos")
     vids = []
     for i in range(3):
@@ -157,7 +210,8 @@ def build_report(emu, out: str, seed: int = 50_000, eval_sizes: dict | None = No
         section("policy in the loop")
         parts.append(vla_section(vla))
     section("evaluation")
-    sizes = eval_sizes or {"generation": 8, "understanding": 48, "video": 6, "tokenizer": 64, "inpainting": 8}
+    sizes = eval_sizes or {"generation": 8, "understanding": 48, "video": 6, "tokenizer": 64, "inpainting": 8,
+                           "stories": 8}
     results = bench.evaluate(emu, **sizes, seed=seed, progress=progress)
     rows = "".join(f"<tr><td>{b}</td><td>{m}</td><td>{v:.3f}</td></tr>" for b, ms in results.items()
                    for m, v in ms.items() if isinstance(v, float))

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..format import MAX_INTERLEAVED_IMAGES, Text
 from ..metrics import psnr, ssim
 from ..world.motion import sample_clip
 from ..world.scenes import COLORS, NUMBERS, SHAPES, Scene, article, plural, questions, relation, render, sample_scene
@@ -409,11 +410,141 @@ def eval_tokenizer(vision, n: int = 128, seed: int = 40_000, clips: int | None =
 # which recipe part ships) was chosen on "selection"; figures are reported on "report", which nothing was
 # tuned on. Each benchmark draws from its own offset: generation +0, understanding +10,000, video +20,000,
 # tokenizer +30,000, inpainting +40,000 (training data uses PCG64([0, kind, i]), a different stream).
+_STEP2 = re.compile(r"then (an?) (\w+) (\w+) appears (left of|right of|above|below|next to) it\.")
+_STEP3 = re.compile(r"finally the (\w+) turns (\w+)\.")
+
+
+def score_story(first: tuple[str, str], steps: list[tuple[str | None, np.ndarray | None]],
+                tolerance: float = 4.0) -> list[bool]:
+    """Each step of a 3-step story right or not. `first`: (colour, kind) the prompt named; `steps`: the
+    (text, image) of each step as written (step 1's text is the prompt's, so None; an image None when
+    missing). Step 1: the image holds exactly that object. Step 2: the text is "then a C K appears REL it."
+    (a world colour and kind, the right article), and the image holds exactly the first object, where the
+    step before put it (within `tolerance` px, when that image was right), and the new one, REL of it by
+    the world's relation ("next to": no relation). Step 3: "finally the K turns C'." with K the first
+    object's kind and C' another colour, and the image holds exactly the recoloured first object and the
+    second, both where step 2 put them."""
+    out, before, now = [], None, None  # before: the previous right image's objects, by role
+    color, kind = first
+
+    def near(d, prev):
+        return prev is None or math.hypot(d.x - prev.x, d.y - prev.y) <= tolerance
+
+    def pick(found, want, prev):
+        """The detection of identity `want` (nearest to `prev`), or None."""
+        cands = [d for d in found if (d.color, d.kind) == want]
+        if prev is not None:
+            cands.sort(key=lambda d: math.hypot(d.x - prev.x, d.y - prev.y))
+        return cands[0] if cands else None
+
+    text1, image1 = steps[0] if steps else (None, None)
+    found = detect(image1) if image1 is not None else []
+    ok = len(found) == 1 and (found[0].color, found[0].kind) == first
+    out.append(ok)
+    before = {"first": found[0]} if ok else None
+    m = _STEP2.fullmatch(steps[1][0].strip()) if len(steps) > 1 and steps[1][0] else None
+    ok = False
+    second = None
+    if m and m.group(2) in COLORS and m.group(3) in SHAPES and m.group(1) == article(m.group(2)):
+        second = (m.group(2), m.group(3))
+        image = steps[1][1]
+        found = detect(image) if image is not None else []
+        if len(found) == 2:
+            a = pick(found, first, before and before["first"])
+            rest = [d for d in found if d is not a]
+            b = rest[0] if a is not None else None
+            if a is not None and (b.color, b.kind) == second and near(a, before and before["first"]):
+                rel = m.group(4)
+                ok = (relation(b, a) or "next to") == rel
+                if ok:
+                    now = {"first": a, "second": b}
+    out.append(ok)
+    before = now if ok else None
+    m = _STEP3.fullmatch(steps[2][0].strip()) if len(steps) > 2 and steps[2][0] else None
+    ok = False
+    if m and second is not None and m.group(1) == kind and m.group(2) in COLORS and m.group(2) != color:
+        image = steps[2][1]
+        found = detect(image) if image is not None else []
+        if len(found) == 2:
+            a = pick(found, (m.group(2), kind), before and before["first"])
+            rest = [d for d in found if d is not a]
+            ok = (a is not None and (rest[0].color, rest[0].kind) == second and near(a, before and before["first"])
+                  and near(rest[0], before and before["second"]))
+    out.append(ok)
+    return out
+
+
+def story_steps(segments: list) -> list[tuple[str | None, np.ndarray | None]]:
+    """The (text, image) steps of an interleaved answer to a story's first sentence: the first image, then
+    each text with the image after it (None where one is missing)."""
+    steps, text = [], None
+    for s in segments:
+        if isinstance(s, Text):
+            if text is not None:
+                steps.append((text, None))
+            text = s.text
+        else:
+            steps.append((text, s.pixels))
+            text = None
+    if text is not None:
+        steps.append((text, None))
+    return steps
+
+
+def eval_stories(emu, n: int = 48, seed: int = 50_000, batch_size: int = 16, tick=_none) -> dict:
+    """Interleaved generation: from a held-out story's first sentence ("first, a red circle appears."), the
+    model writes the rest, text and images, deciding itself where each image starts (`score_story`: every
+    step's text and image checked against what the story so far implies). Beside it, on the same stories:
+    the world's own texts with its first image held for every step (no change at all), another story's
+    texts and images (a random answer), and the tokenizer's round trip of the true images with the true
+    texts (the ceiling through the codes)."""
+    from ..world.build import story
+
+    rng = np.random.default_rng(seed)
+    stories = [story(rng) for _ in range(n)]
+    firsts = [first_object(s[0][0]) for s in stories]
+    answers = emu.generate_interleaved([s[0][0] for s in stories], max_images=MAX_INTERLEAVED_IMAGES,
+                                       seed=seed, batch_size=batch_size)
+    model, held, other, ceiling, whole, shape = [], [], [], [], [], []
+    for i, (st, first, segments) in enumerate(zip(stories, firsts, answers)):
+        steps = story_steps(segments)
+        model.append(score_story(first, steps))
+        whole.append(all(model[-1]) and len(steps) == 3)
+        shape.append(len(steps) == 3 and all(t is not None and im is not None for t, im in steps[1:]) and
+                     steps[0][1] is not None)
+        truth = [(None if k == 0 else t, im) for k, (t, im) in enumerate(st)]
+        held.append(score_story(first, [(t, st[0][1]) for t, _ in truth]))
+        j = (i + 1) % n
+        other.append(score_story(first, [(None if k == 0 else t, im) for k, (t, im) in enumerate(stories[j])]))
+        with torch.no_grad():
+            codes = emu.vision.encode_images([im for _, im in st])
+            ceiling.append(score_story(first, [(t, emu.vision.decode_image(c)) for (t, _), c in zip(truth, codes)]))
+        tick()
+    mean = lambda rows: float(np.mean([x for r in rows for x in r]))  # noqa: E731
+    out = {"steps_right": mean(model), "stories_right": float(np.mean(whole)),
+           "well_formed": float(np.mean(shape)),
+           **{f"step{k + 1}_right": float(np.mean([r[k] for r in model])) for k in range(3)},
+           "first_image_held": mean(held), "random_story": mean(other), "tokenizer_ceiling": mean(ceiling),
+           "stories": n}
+    out["baselines"] = {"steps_right": {"first image held": out["first_image_held"],
+                                        "random story": out["random_story"]}}
+    return out
+
+
+def first_object(sentence: str) -> tuple[str, str]:
+    """(colour, kind) a story's first sentence names ("first, a red circle appears.")."""
+    m = re.fullmatch(r"first, an? (\w+) (\w+) appears\.", sentence)
+    if m is None:
+        raise InputError(f"not a story's first sentence: {sentence!r}")
+    return m.group(1), m.group(2)
+
+
 SPLITS = {"selection": 10_000, "report": 110_000}
 
 
 def evaluate(emu, generation: int = 16, understanding: int = 200, video: int = 24, tokenizer: int = 128,
-             inpainting: int = 64, seed: int | None = None, progress: bool = False, split: str = "report") -> dict:
+             inpainting: int = 64, seed: int | None = None, progress: bool = False, split: str = "report",
+             stories: int = 48) -> dict:
     """Every benchmark with a non-zero count, on held-out seeds of `split` (or from `seed`, if given);
     inpainting only for a model trained in the spiral-in order (its emu3_defaults.json says order
     "spiral"), since no other order can keep a border. `progress`: one bar over all items (the benchmark
@@ -422,14 +553,14 @@ def evaluate(emu, generation: int = 16, understanding: int = 200, video: int = 2
         raise InputError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
     seed = SPLITS[split] if seed is None else seed
     for name, n in (("generation", generation), ("understanding", understanding), ("video", video),
-                    ("tokenizer", tokenizer), ("inpainting", inpainting)):
+                    ("tokenizer", tokenizer), ("inpainting", inpainting), ("stories", stories)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise InputError(f"{name}={n!r}: expected a count >= 0 (0 skips it)")
     inpainting = inpainting if emu.defaults.order == "spiral" else 0
     captions = max(1, understanding // 3) if understanding else 0
     # each item weighs about what it costs the built-in model (an image through the tokenizer is ~1/50 of
     # a generated image; a video extension ~3 images), so the time left is roughly right
-    total = tokenizer // 50 + 6 * generation + 2 * understanding + captions + 3 * video + inpainting
+    total = tokenizer // 50 + 6 * generation + 2 * understanding + captions + 3 * video + inpainting + 3 * stories
     bar = None
     if progress and total:
         from tqdm import tqdm
@@ -458,6 +589,8 @@ def evaluate(emu, generation: int = 16, understanding: int = 200, video: int = 2
             out["video"] = eval_video(emu, video, seed + 20_000, tick=stage("video", 3))
         if inpainting:
             out["inpainting"] = eval_inpainting(emu, inpainting, seed + 40_000, tick=stage("inpainting"))
+        if stories:
+            out["stories"] = eval_stories(emu, stories, seed + 50_000, tick=stage("stories", 3))
     finally:
         if bar is not None:
             bar.close()
@@ -465,7 +598,7 @@ def evaluate(emu, generation: int = 16, understanding: int = 200, video: int = 2
 
 
 TARGETS = {("generation", "overall"): 0.80, ("understanding", "accuracy"): 0.90,
-           ("video", "within_tolerance"): 0.80, ("tokenizer", "image_psnr"): 30.0}
+           ("video", "within_tolerance"): 0.80, ("tokenizer", "image_psnr"): 30.0, ("stories", "steps_right"): 0.80}
 
 
 def table(results: dict) -> str:
