@@ -254,7 +254,7 @@ def test_guidance_mixes_visual_steps_only(lm, fmt):
     v = fmt.vocab
     text_step = interleaved_request(fmt, 0, negative=np.array([v.bos]), cfg_scale=3.0)
     plain = interleaved_request(fmt, 0)
-    (guided, ids), (unguided, _) = Engine(lm).next_token_scores([text_step]), Engine(lm).next_token_scores([plain])
+    (guided, _), (unguided, _) = Engine(lm).next_token_scores([text_step]), Engine(lm).next_token_scores([plain])
     torch.testing.assert_close(guided, unguided)
     grid = (2, 3)
     visual = image_request(fmt, "a red circle", grid, cfg_scale=3.0)
