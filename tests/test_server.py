@@ -414,6 +414,38 @@ def test_web_page_in_headless_chromium(server, emu, tmp_path):
     assert Image.open(tmp_path / "page.png").size == (1200, 640)
 
 
+def test_web_page_tells_a_story_in_headless_chromium():
+    """With "answer with pictures" and no image, the page continues a story: the built-in model's text and
+    its three pictures appear in order, as the library writes them."""
+    import shutil
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser_path is None:
+        pytest.skip("no chromium on this machine (apt-get install chromium)")
+    builtin = Emu3.from_pretrained()
+    want = builtin.generate_interleaved("first, a red circle appears.", seed=0)
+    r = Running(create_app(builtin, ServeConfig(model_name="builtin", max_rows=4)), free_port())
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+            try:
+                page = browser.new_page(viewport={"width": 1200, "height": 640})
+                page.goto(r.url + "/")
+                page.fill("#question", "first, a red circle appears.")
+                page.check("#pictures")
+                page.click("#ask")
+                page.wait_for_function("document.getElementById('chatstatus').textContent === 'done'",
+                                       timeout=60_000)
+                assert page.locator("#answer img").count() == sum(hasattr(s, "pixels") for s in want)
+                assert page.inner_text("#answer").split() == " ".join(s.text for s in want
+                                                                      if not hasattr(s, "pixels")).split()
+            finally:
+                browser.close()
+    finally:
+        r.stop()
+
+
 def test_server_process_that_cannot_start_raises_with_its_output(tmp_path):
     server = ServerProcess(["--model", str(tmp_path / "nothing-here")], timeout=60)
     with pytest.raises(RuntimeError, match="exited with status") as e:
@@ -421,3 +453,44 @@ def test_server_process_that_cannot_start_raises_with_its_output(tmp_path):
             pass
     assert "nothing-here" in str(e.value)  # the CLI's own error, quoted
     assert "nothing-here" in server.output()  # still readable once the process and its log are gone
+
+
+def test_interleaved_chat_answer_over_http(tmp_path):
+    """With "image" in modalities the answer holds images where the model opens them: the built-in model
+    continues a story, text and pictures, as the library does; streamed, the text comes as deltas and each
+    picture once it is complete. max_images without the modality is refused."""
+    import base64
+
+    builtin = Emu3.from_pretrained()
+    want = builtin.generate_interleaved("first, a red circle appears.", max_images=3, seed=4)
+    r = Running(create_app(builtin, ServeConfig(model_name="builtin", max_rows=4)), free_port())
+    body = {"messages": [{"role": "user", "content": "first, a red circle appears."}],
+            "modalities": ["text", "image"], "max_images": 3, "seed": 4}
+
+    def picture(part) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(part["image_url"]["url"].split(",", 1)[1]))))
+
+    try:
+        with httpx.Client(base_url=r.url, timeout=120) as c:
+            out = c.post("/v1/chat/completions", json=body)
+            assert out.status_code == 200, out.text
+            parts = out.json()["choices"][0]["message"]["content"]
+            assert [p["type"] for p in parts] == ["image_url" if hasattr(s, "pixels") else "text" for s in want]
+            assert sum(p["type"] == "image_url" for p in parts) == 3
+            for p, s in zip(parts, want):
+                if p["type"] == "text":
+                    assert p["text"] == s.text
+                else:
+                    assert np.array_equal(picture(p), s.pixels)
+            with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as resp:
+                events = sse_events(resp)
+            deltas = [e["choices"][0]["delta"].get("content") for e in events[:-1] if e["choices"]]
+            images = [d[0] for d in deltas if isinstance(d, list)]
+            text = "".join(d for d in deltas if isinstance(d, str))
+            assert len(images) == 3 and all(np.array_equal(picture(a), picture(b))
+                                            for a, b in zip(images, [p for p in parts if p["type"] == "image_url"]))
+            assert text == " ".join(p["text"] for p in parts if p["type"] == "text")
+            bad = c.post("/v1/chat/completions", json=chat_body(png_bytes(scene(32, 32)), max_images=2))
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_images"
+    finally:
+        r.stop()

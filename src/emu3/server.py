@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import hmac
 import io
 import json
@@ -40,6 +41,7 @@ import numpy as np
 from . import media
 from .batching import Batcher, Closed, QueueFull, Ticket
 from .errors import InputError
+from .format import MAX_INTERLEAVED_IMAGES, Image, Text
 from .generate import Request, Sampling, image_template
 from .pipeline import Emu3
 
@@ -165,6 +167,10 @@ class ChatBody(_Body):
     n: Literal[1] = 1
     stream: bool = False
     stream_options: dict[str, bool] | None = None
+    # ["text", "image"]: the answer may hold images where the model opens them (interleaved output); with no
+    # image in the messages the last user text is the start of a story the model continues
+    modalities: list[Literal["text", "image"]] | None = None
+    max_images: int | None = Field(None, ge=1, le=8)
 
 
 class TokensBody(_Body):
@@ -663,18 +669,35 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
             raise APIError(400, "the last user message has no text (the question)", f"messages[{users[-1]}].content")
         images = [(i, j, p) for i, m in enumerate(body.messages) if not isinstance(m.content, str)
                   for j, p in enumerate(m.content) if p.type == "image_url"]
-        if len(images) != 1:
+        pictures = "image" in (body.modalities or [])
+        if len(images) != 1 and not (pictures and not images):
             raise APIError(400, f"this model answers questions about exactly one image; the messages hold "
                                 f"{len(images)} image_url parts", "messages")
-        i, j, part = images[0]
-        param = f"messages[{i}].content[{j}].image_url.url"
-        image = await asyncio.to_thread(_read_data_url, part.image_url.url, param, config.max_image_pixels)
-        max_new = body.max_completion_tokens or body.max_tokens or pipe.defaults.max_new_tokens
-        if max_new > config.max_new_tokens:
+        if body.max_images is not None and not pictures:
+            raise APIError(400, 'max_images needs "image" in modalities', "max_images")
+        max_images = body.max_images or MAX_INTERLEAVED_IMAGES
+        max_new = body.max_completion_tokens or body.max_tokens
+        if max_new is not None and max_new > config.max_new_tokens:
             raise APIError(400, f"max_tokens must be at most {config.max_new_tokens}, got {max_new}", "max_tokens")
+        param = "messages"
         try:
-            req = await on_worker(pipe.chat_request, image, question, max_new, None, body.temperature,
-                                  body.top_k, body.top_p, body.seed or 0)
+            if images:
+                i, j, part = images[0]
+                param = f"messages[{i}].content[{j}].image_url.url"
+                image = await asyncio.to_thread(_read_data_url, part.image_url.url, param, config.max_image_pixels)
+                req = await on_worker(pipe.chat_request, image, question, max_new or pipe.defaults.max_new_tokens,
+                                      None, body.temperature, body.top_k, body.top_p, body.seed or 0)
+                if pictures:  # the answer may open images of the model's size
+                    h, w = pipe.grid()
+                    req = dataclasses.replace(req, max_images=max_images, image_header=pipe.formatter().image_header(
+                        h, w)[1:], image_grid=(h, w))
+            else:
+                req = await on_worker(pipe.interleaved_request, question, max_images, max_new, None, None,
+                                      body.seed or 0, None, None, None, body.temperature)
+                if max_new is None:  # the default length, within this server's limits
+                    room = min(ctx, state.batcher.max_len) - len(req.prompt)
+                    req = dataclasses.replace(req, max_new_tokens=max(1, min(req.max_new_tokens,
+                                                                             config.max_new_tokens, room)))
         except InputError as e:
             raise APIError(400, str(e), param) from None
         limit = min(ctx, state.batcher.max_len)
@@ -692,14 +715,32 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
                          "total_tokens": int(len(req.prompt)) + len(ticket.tokens)}
         finish_reason = lambda: "stop" if ticket.status == "finished" else "length"
 
+        def parts(tokens) -> list:
+            """An interleaved answer's text and complete images, in order."""
+            out = []
+            for s in pipe.formatter().parse(np.asarray(tokens, dtype=np.int64), strict=False):
+                if isinstance(s, Image) and s.complete:
+                    out.append(s.codes)
+                elif isinstance(s, Text) and s.text.strip():
+                    out.append(s.text.strip())
+            return out
+
+        async def image_part(codes) -> dict:
+            pixels = await on_worker(pipe.vision.decode_image, codes)
+            return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + png_b64(pixels)}}
+
         if not body.stream:
             await watch.wait([ticket], request)
             err = ended_error(ticket)
             if err is not None:
                 raise err
+            if pictures:
+                content = [{"type": "text", "text": p} if isinstance(p, str) else await image_part(p)
+                           for p in parts(ticket.result().tokens)]
+            else:
+                content = pipe.answer(ticket.result().tokens)
             return {"id": cid, "object": "chat.completion", "created": created, "model": config.model_name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": pipe.answer(ticket.result()
-                                                                                                     .tokens)},
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                                  "finish_reason": finish_reason(), "logprobs": None}],
                     "usage": usage()}
 
@@ -708,10 +749,20 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
                         "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]})
 
         async def stream():
-            sent = ""
+            sent, shown = "", 0  # text sent so far; images sent so far (interleaved)
             yield chunk({"role": "assistant", "content": ""})
             async for kind, t, _ in watch.events([ticket], request):
-                if kind == "token":
+                if kind == "token" and pictures:  # text deltas, and each image once it is complete
+                    segs = parts(t.tokens[:])
+                    text = " ".join(p for p in segs if isinstance(p, str))
+                    if text.startswith(sent) and len(text) > len(sent) and not text.endswith("\ufffd"):
+                        yield chunk({"content": text[len(sent):]})
+                        sent = text
+                    done = [p for p in segs if not isinstance(p, str)]
+                    for codes in done[shown:]:
+                        yield chunk({"content": [await image_part(codes)]})
+                    shown = len(done)
+                elif kind == "token":
                     text = pipe.tokenizer.decode(np.asarray(t.tokens[:]), skip_special_tokens=True).lstrip()
                     if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next bytes
                         continue
