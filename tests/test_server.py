@@ -281,6 +281,13 @@ def test_health_models_metrics(client):
     for name in ("emu3_queue_length", "emu3_running_rows", "emu3_tokens_per_second", "emu3_generated_tokens_total"):
         assert f"\n{name} " in "\n" + m
     assert 'emu3_http_requests_total{path="/v1/tokens/generations",status="200"}' in m
+    # histograms (prometheus_client): latency by path; queue wait and time to first token by route; occupancy
+    route = 'route="/v1/tokens/generations"'
+    for name in ("emu3_queue_wait_seconds", "emu3_time_to_first_token_seconds", "emu3_generation_seconds"):
+        count = [line for line in m.splitlines() if line.startswith(f"{name}_count{{{route}}}")]
+        assert count and float(count[0].split()[-1]) >= 1, name
+    assert 'emu3_http_request_seconds_bucket{le="+Inf",path="/v1/tokens/generations"}' in m
+    assert float(next(line for line in m.splitlines() if line.startswith("emu3_batch_rows_count")).split()[-1]) >= 3
     assert "emu3" in client.get("/").text and "<script>" in client.get("/").text
 
 

@@ -57,7 +57,9 @@ class Ticket:
     error: BaseException | None = None
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
+    first_token: float | None = None  # time.monotonic() of its first generated token
     ended: float | None = None
+    tag: str = ""  # what the caller files it under (a server: the route), for its metrics
     cancelled: bool = False
     _done: threading.Event = field(default_factory=threading.Event)
 
@@ -89,11 +91,15 @@ class Batcher:
     """Runs requests with continuous batching on one engine; at most `max_rows` cache rows (a CFG
     request takes two) of `max_len` columns, and at most `max_queue` requests waiting."""
 
-    def __init__(self, engine: Engine, max_rows: int = 16, max_len: int | None = None, max_queue: int = 64):
+    def __init__(self, engine: Engine, max_rows: int = 16, max_len: int | None = None, max_queue: int = 64,
+                 on_end: Callable[[Ticket], None] | None = None, on_step: Callable[[int], None] | None = None):
+        """`on_end(ticket)` runs once for every ticket as it ends and `on_step(rows)` after every step with the
+        rows that step ran (both on the worker thread; for metrics)."""
         cfg = engine.model.config
         if max_rows < 1 or max_queue < 0:
             raise InputError(f"max_rows must be >= 1 and max_queue >= 0, got {max_rows} and {max_queue}")
         self.engine, self.max_rows, self.max_queue = engine, max_rows, max_queue
+        self.on_end, self.on_step = on_end, on_step
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.core = Decoder(engine, max_rows, self.max_len)
         self.running: list[Ticket] = []  # in the core's order
@@ -111,7 +117,7 @@ class Batcher:
     # ---- any thread ----
 
     def submit(self, request: Request, on_token: Callable[[Ticket, int], None] | None = None,
-               timeout: float | None = None, on_done: Callable[[Ticket], None] | None = None) -> Ticket:
+               timeout: float | None = None, on_done: Callable[[Ticket], None] | None = None, tag: str = "") -> Ticket:
         """Validate and queue a request; raises InputError, QueueFull or Closed. `on_token(ticket, id)`
         runs after every generated token, `on_done(ticket)` once when the ticket ends, however it ends."""
         self.engine.check([request], self.max_len)
@@ -119,7 +125,7 @@ class Batcher:
             raise InputError(f"a guided request needs 2 rows, this batcher has {self.max_rows}")
         if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
             raise InputError(f"timeout must be a positive number of seconds, got {timeout}")
-        t = Ticket(request, on_token, on_done, None if timeout is None else time.monotonic() + timeout)
+        t = Ticket(request, on_token, on_done, None if timeout is None else time.monotonic() + timeout, tag=tag)
         with self.lock:
             if self.closed:
                 raise Closed("the server is shutting down and takes no new requests")
@@ -214,10 +220,14 @@ class Batcher:
             self._admit()
             if not self.running:
                 return bool(self.queue)
+            rows = self.rows_used
             chosen = self.core.choose()
             ended, stopped = self.core.record(chosen)
             finished = []
+            now = time.monotonic()
             for t, tok, end, stop in zip(self.running, chosen.tolist(), ended.tolist(), stopped.tolist()):
+                if not t.tokens:
+                    t.first_token = now
                 t.tokens.append(tok)
                 if end:
                     t.status = "finished" if stop else "length"
@@ -234,6 +244,8 @@ class Batcher:
             self._recent.append((now, len(chosen)))
             while self._recent and self._recent[0][0] < now - 10:
                 self._recent.popleft()
+            if self.on_step is not None:
+                self.on_step(rows)
             keep = [t.status == "running" for t in self.running]
             self._retire(finished)
             if self.running:
@@ -258,6 +270,11 @@ class Batcher:
         t.ended = time.monotonic()
         t._done.set()
         self.ended_total[t.status] = self.ended_total.get(t.status, 0) + 1
+        if self.on_end is not None:
+            try:
+                self.on_end(t)
+            except Exception:  # metrics must not stop the batch
+                pass
         if t.on_done is not None:
             try:
                 t.on_done(t)

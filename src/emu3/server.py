@@ -49,10 +49,12 @@ try:
     from fastapi import FastAPI
     from fastapi import Request as HTTPRequest
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
     from pydantic import BaseModel, ConfigDict, Field
 except ImportError as e:  # pragma: no cover - the error names the extra to install
-    raise ImportError('emu3 serve needs FastAPI and uvicorn: pip install "emu3[serve]"') from e
+    raise ImportError('emu3 serve needs FastAPI, uvicorn and prometheus_client: pip install "emu3[serve]"') from e
 
 IMAGE_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP"})
 PAGE = Path(__file__).parent / "web" / "index.html"
@@ -192,18 +194,75 @@ class TokensBody(_Body):
 # The app
 
 
+class _Metrics:
+    """/metrics through prometheus_client, in a registry of the app's own: the batcher's state read at each
+    scrape (queue, running requests and rows, tokens/s, totals), and histograms observed as things end:
+    HTTP latency by path, queue wait, time to first token and generation time by route, rows per step."""
+
+    SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+    def __init__(self, state: _State):
+        self.state, reg = state, CollectorRegistry()
+        reg.register(self)
+        self.registry = reg
+        self.http_total = Counter("emu3_http_requests", "HTTP requests by path and status.", ["path", "status"],
+                                  registry=reg)
+        self.http_seconds = Histogram("emu3_http_request_seconds", "HTTP request latency (to the last byte) by "
+                                      "path.", ["path"], buckets=self.SECONDS, registry=reg)
+        self.queue_wait = Histogram("emu3_queue_wait_seconds", "Time from submission to a batch slot, by route.",
+                                    ["route"], buckets=self.SECONDS, registry=reg)
+        self.first_token = Histogram("emu3_time_to_first_token_seconds", "Time from submission to the first "
+                                     "generated token, by route.", ["route"], buckets=self.SECONDS, registry=reg)
+        self.generation = Histogram("emu3_generation_seconds", "Time from submission to the end, by route.",
+                                    ["route"], buckets=self.SECONDS, registry=reg)
+        self.rows = Histogram("emu3_batch_rows", "KV-cache rows each batch step ran (batch occupancy).",
+                              buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=reg)
+
+    def describe(self):
+        return []  # collected at scrape time
+
+    def collect(self):
+        b = self.state.batcher
+        for name, text, value in (
+                ("emu3_queue_length", "Requests waiting for a batch slot.", len(b.queue)),
+                ("emu3_running_requests", "Requests in the running batch.", len(b.running)),
+                ("emu3_running_rows", "KV-cache rows in use (a CFG request takes 2).", b.rows_used),
+                ("emu3_max_rows", "KV-cache rows of the batch.", b.max_rows),
+                ("emu3_tokens_per_second", "Generated tokens per second over the last 10 s.", b.tokens_per_second()),
+                ("emu3_draining", "1 while the server drains before it stops.", int(self.state.draining))):
+            yield GaugeMetricFamily(name, text, value=value)
+        yield CounterMetricFamily("emu3_generated_tokens", "Generated tokens.", value=b.tokens_total)
+        yield CounterMetricFamily("emu3_steps", "Batch steps run.", value=b.steps_total)
+        ended = CounterMetricFamily("emu3_generations", "Generation requests by how they ended.", labels=["status"])
+        for status, n in sorted(b.ended_total.items()):
+            ended.add_metric([status], n)
+        yield ended
+
+    def http(self, path: str, status: int, seconds: float) -> None:
+        self.http_total.labels(path, str(status)).inc()
+        self.http_seconds.labels(path).observe(seconds)
+
+    def ended(self, t: Ticket) -> None:
+        """Batcher.on_end: a ticket's queue wait, time to first token and generation time."""
+        if t.started is not None:
+            self.queue_wait.labels(t.tag).observe(t.started - t.submitted)
+        if t.first_token is not None:
+            self.first_token.labels(t.tag).observe(t.first_token - t.submitted)
+        if t.ended is not None:
+            self.generation.labels(t.tag).observe(t.ended - t.submitted)
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
 class _State:
     def __init__(self, pipe: Emu3, config: ServeConfig):
         self.pipe, self.config = pipe, config
-        self.batcher = Batcher(pipe.engine, max_rows=config.max_rows, max_len=config.max_len,
-                               max_queue=config.max_queue)
         self.draining = False
-        self.requests_total: dict[tuple[str, int], int] = {}
+        self.metrics = _Metrics(self)
+        self.batcher = Batcher(pipe.engine, max_rows=config.max_rows, max_len=config.max_len,
+                               max_queue=config.max_queue, on_end=self.metrics.ended, on_step=self.metrics.rows.observe)
         self.started = time.time()
-
-    def count(self, path: str, status: int) -> None:
-        key = (path, status)
-        self.requests_total[key] = self.requests_total.get(key, 0) + 1
 
 
 class _Gate:
@@ -220,7 +279,7 @@ class _Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path, cfg = scope["path"], self.state.config
-        status = [500]
+        status, t0 = [500], time.monotonic()
 
         async def send_counted(message):
             if message["type"] == "http.response.start":
@@ -265,7 +324,7 @@ class _Gate:
             return await self.app(scope, receive, send_counted)
         finally:
             if path != "/metrics":  # known routes only: a scan of random paths must not grow the label set
-                self.state.count(path if path in self.ROUTES else "other", status[0])
+                self.state.metrics.http(path if path in self.ROUTES else "other", status[0], time.monotonic() - t0)
 
     def _authorized(self, scope) -> bool:
         key = self.state.config.api_key.encode()
@@ -360,11 +419,12 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
         except InputError as e:
             raise APIError(400, str(e), "aspect_ratio") from None
 
-    def submit_all(requests: list[Request], body: _Body, param: str, on_token=None, on_done=None) -> list[Ticket]:
+    def submit_all(requests: list[Request], body: _Body, param: str, on_token=None, on_done=None,
+                   route: str = "") -> list[Ticket]:
         tickets = []
         try:
             for r in requests:
-                tickets.append(state.batcher.submit(r, on_token, timeout_of(body), on_done))
+                tickets.append(state.batcher.submit(r, on_token, timeout_of(body), on_done, tag=route))
         except QueueFull as e:
             for t in tickets:
                 state.batcher.cancel(t)
@@ -499,32 +559,8 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
 
     @app.get("/metrics")
     async def metrics():
-        b = state.batcher
-        lines = [
-            "# HELP emu3_queue_length Requests waiting for a batch slot.", "# TYPE emu3_queue_length gauge",
-            f"emu3_queue_length {len(b.queue)}",
-            "# HELP emu3_running_requests Requests in the running batch.", "# TYPE emu3_running_requests gauge",
-            f"emu3_running_requests {len(b.running)}",
-            "# HELP emu3_running_rows KV-cache rows in use (a CFG request takes 2).",
-            "# TYPE emu3_running_rows gauge", f"emu3_running_rows {b.rows_used}",
-            "# HELP emu3_max_rows KV-cache rows of the batch.", "# TYPE emu3_max_rows gauge",
-            f"emu3_max_rows {b.max_rows}",
-            "# HELP emu3_tokens_per_second Generated tokens per second over the last 10 s.",
-            "# TYPE emu3_tokens_per_second gauge", f"emu3_tokens_per_second {b.tokens_per_second():.3f}",
-            "# HELP emu3_generated_tokens_total Generated tokens.", "# TYPE emu3_generated_tokens_total counter",
-            f"emu3_generated_tokens_total {b.tokens_total}",
-            "# HELP emu3_steps_total Batch steps run.", "# TYPE emu3_steps_total counter",
-            f"emu3_steps_total {b.steps_total}",
-            "# HELP emu3_generations_total Generation requests by how they ended.",
-            "# TYPE emu3_generations_total counter",
-        ]
-        lines += [f'emu3_generations_total{{status="{k}"}} {n}' for k, n in sorted(b.ended_total.items())]
-        lines += ["# HELP emu3_http_requests_total HTTP requests by path and status.",
-                  "# TYPE emu3_http_requests_total counter"]
-        lines += [f'emu3_http_requests_total{{path="{p}",status="{s}"}} {n}'
-                  for (p, s), n in sorted(state.requests_total.items())]
-        lines.append(f"emu3_draining {int(state.draining)}")
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+        data, content_type = state.metrics.exposition()
+        return Response(data, media_type=content_type)
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -557,7 +593,7 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
                                     f"tokens with its prompt, more than the model's context of "
                                     f"{min(ctx, state.batcher.max_len)}", "size")
         watch = Watch()
-        tickets = submit_all(reqs, body, "prompt", watch.on_token, watch.on_done)
+        tickets = submit_all(reqs, body, "prompt", watch.on_token, watch.on_done, route="/v1/images/generations")
         created = int(time.time())
 
         async def finish(t: Ticket, j: int) -> dict:
@@ -622,7 +658,7 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
             raise APIError(400, f"{body.frames} latent frames of {h}x{w} codes need {need} tokens with the prompt, "
                                 f"more than the model's context of {min(ctx, state.batcher.max_len)}", "frames")
         watch = Watch()
-        (ticket,) = submit_all([req], body, "prompt", watch.on_token, watch.on_done)
+        (ticket,) = submit_all([req], body, "prompt", watch.on_token, watch.on_done, route="/v1/videos/generations")
         created = int(time.time())
         fps = body.fps or fps_in or pipe.defaults.video_fps or 8.0
 
@@ -709,7 +745,7 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
             raise APIError(400, f"the prompt takes {len(req.prompt)} tokens: max_tokens can be at most {room} in "
                                 f"a context of {min(ctx, state.batcher.max_len)}", "max_tokens")
         watch = Watch(every_token=body.stream)
-        (ticket,) = submit_all([req], body, "messages", watch.on_token, watch.on_done)
+        (ticket,) = submit_all([req], body, "messages", watch.on_token, watch.on_done, route="/v1/chat/completions")
         cid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         usage = lambda: {"prompt_tokens": int(len(req.prompt)), "completion_tokens": len(ticket.tokens),
                          "total_tokens": int(len(req.prompt)) + len(ticket.tokens)}
@@ -816,7 +852,7 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
                                 f"context of {min(ctx, state.batcher.max_len)}",
                            "image" if body.image is not None else "max_new_tokens")
         watch = Watch()
-        (ticket,) = submit_all([req], body, "prompt", None, watch.on_done)
+        (ticket,) = submit_all([req], body, "prompt", None, watch.on_done, route="/v1/tokens/generations")
         await watch.wait([ticket], request)
         err = ended_error(ticket)
         if err is not None:
