@@ -1,4 +1,6 @@
-"""HTTP serving: an OpenAI-style API over continuous batching, a web page, bounded behaviour under load.
+"""The app: the gate middleware, the routes and `serve`.
+
+HTTP serving: an OpenAI-style API over continuous batching, a web page, bounded behaviour under load.
 
 `create_app(Emu3, ServeConfig)` builds the FastAPI app; `serve` runs it with uvicorn. What is unusual:
 - one batcher thread owns the language model (`emu3.batching`); endpoints submit requests and await
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import dataclasses
 import hmac
 import io
@@ -29,35 +30,28 @@ import json
 import math
 import re
 import secrets
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
 
 import numpy as np
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
-from . import media
-from .batching import Batcher, Closed, QueueFull, Ticket
-from .errors import InputError
-from .format import MAX_INTERLEAVED_IMAGES, Image, Text
-from .generate import Request, Sampling, image_template
-from .pipeline import Emu3
+from ..batching import Batcher, Closed, QueueFull, Ticket
+from ..errors import InputError
+from ..format import MAX_INTERLEAVED_IMAGES, Image, Text
+from ..generate import Request, Sampling, image_template
+from ..pipeline import Emu3
+from .errors import APIError, error_response, param_of
+from .metrics import Metrics
+from .schemas import Body, ChatBody, ImagesBody, TokensBody, VideosBody
+from .uploads import VIDEO_TYPES, data_url_bytes, encode_video, read_image_data_url, read_video_bytes
 
-try:
-    from fastapi import FastAPI
-    from fastapi import Request as HTTPRequest
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-    from pydantic import BaseModel, ConfigDict, Field
-except ImportError as e:  # pragma: no cover - the error names the extra to install
-    raise ImportError('emu3 serve needs FastAPI, uvicorn and prometheus_client: pip install "emu3[serve]"') from e
-
-IMAGE_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP"})
-PAGE = Path(__file__).parent / "web" / "index.html"
+PAGE = Path(__file__).parent.parent / "web" / "index.html"
 
 
 @dataclass
@@ -75,191 +69,15 @@ class ServeConfig:
     drain_timeout: float = 120.0  # how long SIGTERM waits for running requests
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
-
-    def response(self) -> JSONResponse:
-        return _error(self.status, self.message, self.param, self.kind, self.code)
-
-
-def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-           code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
-
-
-# --------------------------------------------------------------------------------------------
-# Request bodies (strict: "3" is not a number, NaN is not a float, unknown fields are refused)
-
-Finite = Annotated[float, Field(allow_inf_nan=False)]
-Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    model: str | None = None
-    user: str | None = None
-    timeout: Finite | None = Field(None, gt=0)
-
-
-class _Sampling(_Body):
-    cfg_scale: Finite | None = Field(None, ge=0, le=100)
-    seed: Seed | None = None
-    temperature: Finite | None = Field(None, ge=0, le=100)
-    top_k: int | None = Field(None, ge=0)
-    top_p: Finite | None = Field(None, gt=0, le=1)
-    negative_prompt: str | None = Field(None, max_length=10000)
-    stream: bool = False
-    preview: bool = False  # streamed progress events carry a PNG of the rows done so far
-
-
-class ImagesBody(_Sampling):
-    prompt: str = Field(max_length=10000)
-    n: int = Field(1, ge=1)
-    size: str | None = None  # "WxH" pixels
-    aspect_ratio: str | None = None  # "W:H" at the model's image area
-    response_format: Literal["b64_json"] = "b64_json"
-
-
-class VideosBody(_Sampling):
-    prompt: str = Field(max_length=10000)
-    frames: int = Field(ge=1)  # latent frames to generate (4 video frames each)
-    size: str | None = None
-    aspect_ratio: str | None = None
-    fps: Finite | None = Field(None, gt=0, le=240)
-    format: Literal["mp4", "gif", "webm"] = "mp4"
-    video: str | None = None  # a base64 data URL (mp4, webm, gif) to continue: the answer is it plus `frames`
-
-
-class _ImageURL(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    url: str
-    detail: str | None = None
-
-
-class _TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    type: Literal["text"]
-    text: str
-
-
-class _ImagePart(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    type: Literal["image_url"]
-    image_url: _ImageURL
-
-
-class _Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    role: Literal["system", "user", "assistant"]
-    content: str | list[Annotated[_TextPart | _ImagePart, Field(discriminator="type")]]
-    name: str | None = None
-
-
-class ChatBody(_Body):
-    messages: list[_Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: Finite | None = Field(None, ge=0, le=100)
-    top_k: int | None = Field(None, ge=0)
-    top_p: Finite | None = Field(None, gt=0, le=1)
-    seed: Seed | None = None
-    n: Literal[1] = 1
-    stream: bool = False
-    stream_options: dict[str, bool] | None = None
-    # ["text", "image"]: the answer may hold images where the model opens them (interleaved output); with no
-    # image in the messages the last user text is the start of a story the model continues
-    modalities: list[Literal["text", "image"]] | None = None
-    max_images: int | None = Field(None, ge=1, le=8)
-
-
-class TokensBody(_Body):
-    prompt: list[int] = Field(min_length=1)
-    negative_prompt: list[int] | None = Field(None, min_length=1)
-    image: list[int] | None = Field(None, min_length=2, max_length=2)  # [h, w]: an image of this grid; else text
-    max_new_tokens: int = Field(256, ge=1)
-    cfg_scale: Finite = Field(1.0, ge=0, le=100)
-    seed: Seed = 0
-    temperature: Finite = Field(1.0, ge=0, le=100)
-    top_k: int = Field(0, ge=0)
-    top_p: Finite = Field(1.0, gt=0, le=1)
-    text_temperature: Finite = Field(0.0, ge=0, le=100)
-    stop: list[int] | None = Field(None, min_length=1)
-    allowed: list[int] | None = Field(None, min_length=1)
-
-
 # --------------------------------------------------------------------------------------------
 # The app
-
-
-class _Metrics:
-    """/metrics through prometheus_client, in a registry of the app's own: the batcher's state read at each
-    scrape (queue, running requests and rows, tokens/s, totals), and histograms observed as things end:
-    HTTP latency by path, queue wait, time to first token and generation time by route, rows per step."""
-
-    SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-
-    def __init__(self, state: _State):
-        self.state, reg = state, CollectorRegistry()
-        reg.register(self)
-        self.registry = reg
-        self.http_total = Counter("emu3_http_requests", "HTTP requests by path and status.", ["path", "status"],
-                                  registry=reg)
-        self.http_seconds = Histogram("emu3_http_request_seconds", "HTTP request latency (to the last byte) by "
-                                      "path.", ["path"], buckets=self.SECONDS, registry=reg)
-        self.queue_wait = Histogram("emu3_queue_wait_seconds", "Time from submission to a batch slot, by route.",
-                                    ["route"], buckets=self.SECONDS, registry=reg)
-        self.first_token = Histogram("emu3_time_to_first_token_seconds", "Time from submission to the first "
-                                     "generated token, by route.", ["route"], buckets=self.SECONDS, registry=reg)
-        self.generation = Histogram("emu3_generation_seconds", "Time from submission to the end, by route.",
-                                    ["route"], buckets=self.SECONDS, registry=reg)
-        self.rows = Histogram("emu3_batch_rows", "KV-cache rows each batch step ran (batch occupancy).",
-                              buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=reg)
-
-    def describe(self):
-        return []  # collected at scrape time
-
-    def collect(self):
-        b = self.state.batcher
-        for name, text, value in (
-                ("emu3_queue_length", "Requests waiting for a batch slot.", len(b.queue)),
-                ("emu3_running_requests", "Requests in the running batch.", len(b.running)),
-                ("emu3_running_rows", "KV-cache rows in use (a CFG request takes 2).", b.rows_used),
-                ("emu3_max_rows", "KV-cache rows of the batch.", b.max_rows),
-                ("emu3_tokens_per_second", "Generated tokens per second over the last 10 s.", b.tokens_per_second()),
-                ("emu3_draining", "1 while the server drains before it stops.", int(self.state.draining))):
-            yield GaugeMetricFamily(name, text, value=value)
-        yield CounterMetricFamily("emu3_generated_tokens", "Generated tokens.", value=b.tokens_total)
-        yield CounterMetricFamily("emu3_steps", "Batch steps run.", value=b.steps_total)
-        ended = CounterMetricFamily("emu3_generations", "Generation requests by how they ended.", labels=["status"])
-        for status, n in sorted(b.ended_total.items()):
-            ended.add_metric([status], n)
-        yield ended
-
-    def http(self, path: str, status: int, seconds: float) -> None:
-        self.http_total.labels(path, str(status)).inc()
-        self.http_seconds.labels(path).observe(seconds)
-
-    def ended(self, t: Ticket) -> None:
-        """Batcher.on_end: a ticket's queue wait, time to first token and generation time."""
-        if t.started is not None:
-            self.queue_wait.labels(t.tag).observe(t.started - t.submitted)
-        if t.first_token is not None:
-            self.first_token.labels(t.tag).observe(t.first_token - t.submitted)
-        if t.ended is not None:
-            self.generation.labels(t.tag).observe(t.ended - t.submitted)
-
-    def exposition(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
 class _State:
     def __init__(self, pipe: Emu3, config: ServeConfig):
         self.pipe, self.config = pipe, config
         self.draining = False
-        self.metrics = _Metrics(self)
+        self.metrics = Metrics(self)
         self.batcher = Batcher(pipe.engine, max_rows=config.max_rows, max_len=config.max_len,
                                max_queue=config.max_queue, on_end=self.metrics.ended, on_step=self.metrics.rows.observe)
         self.started = time.time()
@@ -289,15 +107,15 @@ class _Gate:
         try:
             if path not in self.OPEN:
                 if self.state.draining:
-                    return await _error(503, "the server is shutting down; retry on another instance",
+                    return await error_response(503, "the server is shutting down; retry on another instance",
                                         kind="server_shutting_down")(scope, receive, send_counted)
                 if cfg.api_key is not None and not self._authorized(scope):
-                    return await _error(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                    return await error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                                         kind="authentication_error")(scope, receive, send_counted)
             headers = dict(scope["headers"])
             declared = headers.get(b"content-length")
             if declared is not None and (not declared.isdigit() or int(declared) > cfg.max_body_bytes):
-                return await _error(413, f"the request body is larger than the limit of {cfg.max_body_bytes} "
+                return await error_response(413, f"the request body is larger than the limit of {cfg.max_body_bytes} "
                                          "bytes", kind="request_too_large")(scope, receive, send_counted)
             if scope["method"] in ("POST", "PUT", "PATCH"):  # buffer (and count) the body before the app sees it
                 body, more = bytearray(), True
@@ -308,7 +126,7 @@ class _Gate:
                     body += message.get("body", b"")
                     more = message.get("more_body", False)
                     if len(body) > cfg.max_body_bytes:
-                        return await _error(413, f"the request body is larger than the limit of "
+                        return await error_response(413, f"the request body is larger than the limit of "
                                                  f"{cfg.max_body_bytes} bytes",
                                             kind="request_too_large")(scope, receive, send_counted)
                 sent = False
@@ -339,22 +157,6 @@ class _Gate:
         return False
 
 
-_TAGS = {"text", "image_url"}  # discriminator values of content parts
-
-
-def _param(loc: tuple) -> str | None:
-    """("body", "messages", 0, "content", ...) -> "messages[0].content..."; pydantic's union-member labels
-    ("str", "list[...]") and the discriminator value it puts after a list index are left out."""
-    out, prev = "", None
-    for p in loc[1:] if loc[:1] == ("body",) else loc:
-        if isinstance(p, int):
-            out += f"[{p}]"
-        elif not ("[" in p or p == "str" or (isinstance(prev, int) and p in _TAGS)):
-            out += ("." if out else "") + p
-        prev = p
-    return out or None
-
-
 def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: bool = True) -> _Gate:
     """The ASGI app for a loaded pipeline: the FastAPI routes behind the gate middleware (whose `state`
     holds the batcher). With worker_thread, the app's lifespan runs the batcher on a thread of its own;
@@ -383,22 +185,22 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
         errors = exc.errors()
         err = max(errors, key=lambda e: len(e.get("loc", ())))  # the most specific (unions report every branch)
         if err.get("type") == "json_invalid":
-            return _error(400, f"the body is not valid JSON ({err.get('ctx', {}).get('error', err['msg'])})")
+            return error_response(400, f"the body is not valid JSON ({err.get('ctx', {}).get('error', err['msg'])})")
         loc = tuple(err.get("loc", ()))
-        param = _param(loc)
+        param = param_of(loc)
         if err.get("type") == "missing":
-            return _error(400, f"missing required parameter '{param}'", param)
+            return error_response(400, f"missing required parameter '{param}'", param)
         got = err.get("input")
         shown = json.dumps(got)[:80] if isinstance(got, (int, float, str, bool, type(None))) else type(got).__name__
-        return _error(400, f"invalid '{param}': {err['msg']} (got {shown})", param)
+        return error_response(400, f"invalid '{param}': {err['msg']} (got {shown})", param)
 
     @app.exception_handler(APIError)
-    async def _api_error(request, exc: APIError):
+    async def _apierror_response(request, exc: APIError):
         return exc.response()
 
     # ---- helpers ----
 
-    def timeout_of(body: _Body) -> float:
+    def timeout_of(body: Body) -> float:
         return min(body.timeout or config.timeout, config.timeout)
 
     def seed_of(body) -> int:
@@ -419,7 +221,7 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
         except InputError as e:
             raise APIError(400, str(e), "aspect_ratio") from None
 
-    def submit_all(requests: list[Request], body: _Body, param: str, on_token=None, on_done=None,
+    def submit_all(requests: list[Request], body: Body, param: str, on_token=None, on_done=None,
                    route: str = "") -> list[Ticket]:
         tickets = []
         try:
@@ -439,7 +241,7 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
             raise APIError(400, str(e), param) from None
         return tickets
 
-    def ended_error(t: Ticket) -> APIError | None:
+    def endederror_response(t: Ticket) -> APIError | None:
         if t.status == "timeout":
             return APIError(504, f"the request passed its deadline of {timeout_of_ticket(t):.0f} s",
                             kind="timeout", code="deadline_exceeded")
@@ -597,7 +399,7 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
         created = int(time.time())
 
         async def finish(t: Ticket, j: int) -> dict:
-            err = ended_error(t)
+            err = endederror_response(t)
             if err is not None:
                 raise err
             codes, pixels = await on_worker(pipe.image_result, reqs[j], t.result().tokens)
@@ -640,8 +442,8 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
         if body.video is not None:
             if body.size is not None or body.aspect_ratio is not None:
                 raise APIError(400, "a continued video keeps its own size: leave out size and aspect_ratio", "size")
-            data, suffix = _data_url(body.video, "video", VIDEO_TYPES)
-            clip = await on_worker(_read_video_bytes, pipe, data, suffix, body.fps, config.max_image_pixels)
+            data, suffix = data_url_bytes(body.video, "video", VIDEO_TYPES)
+            clip = await on_worker(read_video_bytes, pipe, data, suffix, body.fps, config.max_image_pixels)
             context = await on_worker(lambda: pipe.vision.encode_video(clip.frames, "causal").numpy())
             fps_in = clip.fps
         h, w = grid_of(body) if context is None else context.shape[1:]
@@ -663,11 +465,11 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
         fps = body.fps or fps_in or pipe.defaults.video_fps or 8.0
 
         async def finish() -> dict:
-            err = ended_error(ticket)
+            err = endederror_response(ticket)
             if err is not None:
                 raise err
             codes, frames = await on_worker(pipe.video_result, req, ticket.result().tokens)
-            data = await asyncio.to_thread(_encode_video, frames, fps, body.format)
+            data = await asyncio.to_thread(encode_video, frames, fps, body.format)
             return {"b64_json": base64.b64encode(data).decode(), "format": body.format, "seed": seed,
                     "frames": int(len(frames)), "fps": fps}
 
@@ -720,7 +522,7 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
             if images:
                 i, j, part = images[0]
                 param = f"messages[{i}].content[{j}].image_url.url"
-                image = await asyncio.to_thread(_read_data_url, part.image_url.url, param, config.max_image_pixels)
+                image = await asyncio.to_thread(read_image_data_url, part.image_url.url, param, config.max_image_pixels)
                 req = await on_worker(pipe.chat_request, image, question, max_new or pipe.defaults.max_new_tokens,
                                       None, body.temperature, body.top_k, body.top_p, body.seed or 0)
                 if pictures:  # the answer may open images of the model's size
@@ -767,7 +569,7 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
 
         if not body.stream:
             await watch.wait([ticket], request)
-            err = ended_error(ticket)
+            err = endederror_response(ticket)
             if err is not None:
                 raise err
             if pictures:
@@ -806,7 +608,7 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
                         yield chunk({"content": text[len(sent):]})
                         sent = text
                 else:
-                    err = ended_error(ticket)
+                    err = endederror_response(ticket)
                     if err is not None:
                         yield sse({"error": {"message": err.message, "type": err.kind, "code": err.code}})
                     else:
@@ -854,68 +656,13 @@ def create_app(pipe: Emu3, config: ServeConfig | None = None, worker_thread: boo
         watch = Watch()
         (ticket,) = submit_all([req], body, "prompt", None, watch.on_done, route="/v1/tokens/generations")
         await watch.wait([ticket], request)
-        err = ended_error(ticket)
+        err = endederror_response(ticket)
         if err is not None:
             raise err
         return {"ids": ticket.tokens, "finished": ticket.status == "finished",
                 "usage": {"prompt_tokens": int(len(req.prompt)), "completion_tokens": len(ticket.tokens)}}
 
     return _Gate(app, state)
-
-
-VIDEO_TYPES = {"video/mp4": ".mp4", "video/webm": ".webm", "image/gif": ".gif", "video/quicktime": ".mov"}
-
-
-def _data_url(url: str, param: str, types: dict[str, str] | None = None) -> tuple[bytes, str]:
-    """The bytes of a base64 data URL and its MIME type (or, given `types`, the file suffix it maps to)."""
-    m = re.match(r"data:([\w/+.-]*)(;[^,]*)?,", url[:200])
-    if not m:
-        raise APIError(400, f"{param} must be a data URL (data:TYPE;base64,...); this server fetches nothing "
-                            "from the network", param)
-    if "base64" not in (m.group(2) or ""):
-        raise APIError(400, f"the {param} data URL must be base64-encoded", param)
-    if types is not None and m.group(1) not in types:
-        raise APIError(400, f"{param}: type {m.group(1)!r} is not accepted; use one of {', '.join(types)}", param)
-    try:
-        data = base64.b64decode(url[m.end():], validate=True)
-    except (binascii.Error, ValueError):
-        raise APIError(400, f"the {param} data URL is not valid base64", param) from None
-    return data, types[m.group(1)] if types is not None else m.group(1)
-
-
-def _read_video_bytes(pipe: Emu3, data: bytes, suffix: str, fps: float | None, max_pixels: int,
-                      max_frames: int = 64):
-    """An uploaded video at the model's resolution (declared size and frame count checked before decoding)."""
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / f"upload{suffix}"
-        path.write_bytes(data)
-        try:
-            return pipe.vision.read_video(path, fps=fps, max_frames=max_frames, max_pixels=max_pixels)
-        except InputError as e:
-            raise APIError(400, str(e).replace(str(path), "video"), "video") from None
-
-
-def _read_data_url(url: str, param: str, max_pixels: int):
-    """A base64 data URL -> RGB PIL image, refused before decoding if its format or declared size is wrong."""
-    if not url.startswith("data:"):
-        raise APIError(400, "image_url must be a data URL (data:image/png;base64,...); this server fetches nothing "
-                            "from the network", param)
-    data, _ = _data_url(url, param)
-    try:
-        return media.read_image_bytes(data, "image_url", max_pixels, IMAGE_FORMATS)
-    except InputError as e:
-        raise APIError(400, str(e), param) from None
-
-
-def _encode_video(frames: np.ndarray, fps: float, fmt: str) -> bytes:
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / f"video.{fmt}"
-        media.write_video(path, frames, fps)
-        return path.read_bytes()
-
-
-# --------------------------------------------------------------------------------------------
-# Running it
 
 
 def serve(pipe: Emu3, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
