@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import signal
@@ -383,72 +384,65 @@ def test_sigterm_drains_running_requests_and_refuses_new_ones(model_folder, emu)
         assert proc.wait(30) == 0, server.output()
 
 
-def test_web_page_in_headless_chromium(server, emu, tmp_path):
-    """Type a prompt and see the image appear; upload an image and ask. A screenshot shows the image."""
+@contextlib.contextmanager
+def browser_page(url: str):
+    """A headless Chromium page at `url` (the system's chromium through playwright; skips without one)."""
     import shutil
 
     sync_api = pytest.importorskip("playwright.sync_api")
     browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser_path is None:
         pytest.skip("no chromium on this machine (apt-get install chromium)")
-    ref = emu.generate_images(["three green triangles"], seed=5)[0].pixels
-    upload = tmp_path / "shapes.png"
-    Image.fromarray(scene(40, 40)).save(upload)
-    answer = emu.chat(Image.open(upload), "how many shapes are there?")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 640})
-            page.goto(server.url + "/")
-            page.fill("#prompt", "three green triangles")
-            page.fill("#seed", "5")
-            page.click("#go")
-            page.wait_for_selector('#image[data-done="1"]', timeout=60_000)
-            assert "done in" in page.inner_text("#status")
-            page.screenshot(path=str(tmp_path / "page.png"))
-            shot = np.asarray(Image.open(io.BytesIO(page.locator("#image").screenshot())).convert("RGB"))
-            scale = shot.shape[1] // 32  # the page shows the 32x32 image pixelated, 256 px wide
-            assert scale == 8 and abs(shot.shape[0] - 256) <= 1  # (+1: a fractional y offset)
-            centres = shot[scale // 2::scale, scale // 2::scale][:32]  # the middle of each shown pixel
-            assert np.abs(centres.astype(int) - ref.astype(int)).mean() < 3
-            page.set_input_files("#file", str(upload))
-            page.click("#ask")
-            page.wait_for_function("document.getElementById('chatstatus').textContent === 'done'",
-                                   timeout=60_000)
-            assert page.inner_text("#answer").strip() == answer
+            page.goto(url)
+            yield page
         finally:
             browser.close()
+
+
+def test_web_page_in_headless_chromium(server, emu, tmp_path):
+    """Type a prompt and see the image appear; upload an image and ask. A screenshot shows the image."""
+    ref = emu.generate_images(["three green triangles"], seed=5)[0].pixels
+    upload = tmp_path / "shapes.png"
+    Image.fromarray(scene(40, 40)).save(upload)
+    answer = emu.chat(Image.open(upload), "how many shapes are there?")
+    with browser_page(server.url + "/") as page:
+        page.fill("#prompt", "three green triangles")
+        page.fill("#seed", "5")
+        page.click("#go")
+        page.wait_for_selector('#image[data-done="1"]', timeout=60_000)
+        assert "done in" in page.inner_text("#status")
+        page.screenshot(path=str(tmp_path / "page.png"))
+        shot = np.asarray(Image.open(io.BytesIO(page.locator("#image").screenshot())).convert("RGB"))
+        scale = shot.shape[1] // 32  # the page shows the 32x32 image pixelated, 256 px wide
+        assert scale == 8 and abs(shot.shape[0] - 256) <= 1  # (+1: a fractional y offset)
+        centres = shot[scale // 2::scale, scale // 2::scale][:32]  # the middle of each shown pixel
+        assert np.abs(centres.astype(int) - ref.astype(int)).mean() < 3
+        page.set_input_files("#file", str(upload))
+        page.click("#ask")
+        page.wait_for_function("document.getElementById('chatstatus').textContent === 'done'", timeout=60_000)
+        assert page.inner_text("#answer").strip() == answer
     assert Image.open(tmp_path / "page.png").size == (1200, 640)
 
 
 def test_web_page_tells_a_story_in_headless_chromium():
     """With "answer with pictures" and no image, the page continues a story: the built-in model's text and
     its three pictures appear in order, as the library writes them."""
-    import shutil
-
-    sync_api = pytest.importorskip("playwright.sync_api")
-    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser_path is None:
-        pytest.skip("no chromium on this machine (apt-get install chromium)")
     builtin = Emu3.from_pretrained()
     want = builtin.generate_interleaved("first, a red circle appears.", seed=0)
     r = Running(create_app(builtin, ServeConfig(model_name="builtin", max_rows=4)), free_port())
     try:
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
-            try:
-                page = browser.new_page(viewport={"width": 1200, "height": 640})
-                page.goto(r.url + "/")
-                page.fill("#question", "first, a red circle appears.")
-                page.check("#pictures")
-                page.click("#ask")
-                page.wait_for_function("document.getElementById('chatstatus').textContent === 'done'",
-                                       timeout=60_000)
-                assert page.locator("#answer img").count() == sum(hasattr(s, "pixels") for s in want)
-                assert page.inner_text("#answer").split() == " ".join(s.text for s in want
-                                                                      if not hasattr(s, "pixels")).split()
-            finally:
-                browser.close()
+        with browser_page(r.url + "/") as page:
+            page.fill("#question", "first, a red circle appears.")
+            page.check("#pictures")
+            page.click("#ask")
+            page.wait_for_function("document.getElementById('chatstatus').textContent === 'done'", timeout=60_000)
+            assert page.locator("#answer img").count() == sum(hasattr(s, "pixels") for s in want) == 3
+            assert page.inner_text("#answer").split() == " ".join(s.text for s in want
+                                                                  if not hasattr(s, "pixels")).split()
     finally:
         r.stop()
 

@@ -1,23 +1,5 @@
-"""The app: the gate middleware, the routes and `serve`.
-
-HTTP serving: an OpenAI-style API over continuous batching, a web page, bounded behaviour under load.
-
-`create_app(Emu3, ServeConfig)` builds the FastAPI app; `serve` runs it with uvicorn. What is unusual:
-- one batcher thread owns the language model (`emu3.batching`); endpoints submit requests and await
-  their tickets, so /health and /metrics never wait on the model. Vision-tokenizer work (encoding an
-  uploaded image, decoding codes to pixels) also runs on the batcher's thread, between steps, off the
-  event loop (one thread for all PyTorch work: see emu3.batching); `serve` makes it the main thread.
-- every error is an OpenAI-style object {"error": {"message", "type", "param", "code"}}; FastAPI's 422
-  validation errors become 400s that name the parameter. Bodies are capped before parsing (413);
-  uploaded images are checked from their header (format, declared size) before any pixel is decoded.
-- a client that disconnects cancels its requests (their rows are freed at the next step); every request
-  has a deadline; a full queue answers 429 at once.
-- SIGTERM or Ctrl-C drains: new requests get 503 (and /health 503, so a load balancer stops sending),
-  running ones finish, then the process exits; a second signal exits at once.
-- streamed responses are server-sent events: chat deltas as OpenAI's chat.completion.chunk, image and
-  video progress as {"type": "progress", "rows_done", "rows_total"} events (with a PNG of the rows
-  done so far when "preview" is set), then the result, then [DONE].
-"""
+"""The app: the gate middleware in front of FastAPI's routes, the batcher they submit to, and `serve`, which runs
+it all with uvicorn and drains on SIGTERM (what is unusual about it: the package's docstring, `emu3.server`)."""
 
 from __future__ import annotations
 
