@@ -51,8 +51,22 @@ def test_per_row_cache_columns_equal_a_shared_column(lm):
         for i, p in enumerate(prompts):
             alone = lm.hidden_states(torch.cat([p, nxt[i:i + 1]])[None])[0, -1]
             torch.testing.assert_close(out[i], alone, rtol=1e-4, atol=1e-4)
+        # several new tokens per row at once (speculative decoding's verification pass), each seeing its row's
+        # filled columns and the new ones before it, equal the rows run alone
+        cache = KVCache(cfg, 3, 16)
+        lm.hidden_states(ids, positions=cols.expand(3, 7), key_mask=cols[None] < lens[:, None], cache=cache)
+        new = torch.tensor([[3, 9, 4], [4, 1, 1], [5, 2, 6]])
+        width = int(lens.max()) + 3
+        out = lm.hidden_states(new, positions=lens[:, None] + torch.arange(3), cache=cache, start=lens.clone(),
+                               key_mask=torch.arange(width)[None] < lens[:, None])
+        for i, p in enumerate(prompts):
+            alone = lm.hidden_states(torch.cat([p, new[i]])[None])[0, -3:]
+            torch.testing.assert_close(out[i], alone, rtol=1e-4, atol=1e-4)
     with pytest.raises(InputError, match="per-row cache columns"):
         lm.hidden_states(nxt[:, None], cache=cache, start=lens)
+    with pytest.raises(InputError, match="key_mask covers 7 columns"):
+        lm.hidden_states(new, positions=lens[:, None] + torch.arange(3), cache=cache, start=lens,
+                         key_mask=torch.ones(3, 7, dtype=torch.bool))
 
 
 def test_tokens_equal_the_engine_with_staggered_arrivals_and_departures(lm, fmt):

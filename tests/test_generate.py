@@ -21,6 +21,7 @@ from emu3.generate import (
     sample,
     video_template,
 )
+from emu3.model import Emu3LM
 from emu3.reference import llama, official_prefix_fn
 from tests.conftest import image_request
 
@@ -208,9 +209,10 @@ def interleaved_request(fmt, seed: int, max_images: int = 2, max_new_tokens: int
     """A free-text request that may open images of 2x3 codes: its text steps may emit EOS, BOI or "a", each about
     as likely (temperature 1000: the tiny random model's head is peaky)."""
     v, grid = fmt.vocab, (2, 3)
+    kw = {"text": Sampling(1000.0), "visual": Sampling(1.0), **kw}
     return Request(np.concatenate([[v.bos], fmt.text("a story")]), max_new_tokens=max_new_tokens,
-                   allowed=np.array([v.eos, *fmt.text("a")]), text=Sampling(1000.0), visual=Sampling(1.0), seed=seed,
-                   max_images=max_images, image_header=fmt.image_header(*grid)[1:], image_grid=grid, **kw)
+                   allowed=np.array([v.eos, *fmt.text("a")]), seed=seed, max_images=max_images,
+                   image_header=fmt.image_header(*grid)[1:], image_grid=grid, **kw)
 
 
 def test_free_text_opens_images_the_model_chooses(lm, fmt):
@@ -261,3 +263,70 @@ def test_guidance_mixes_visual_steps_only(lm, fmt):
     mixed, _ = Engine(lm).next_token_scores([visual])
     alone, _ = Engine(lm).next_token_scores([image_request(fmt, "a red circle", grid)])
     assert not torch.allclose(mixed, alone)
+
+
+def test_jacobi_greedy_equals_plain_in_fewer_passes(lm, fmt):
+    """Speculative Jacobi decoding, greedy: every request (guided or not, an image, free text, an
+    interleaved answer) gets plain decoding's tokens, whatever the window, in fewer forward passes."""
+    requests = [image_request(fmt, "a red circle", (3, 4), visual=GREEDY),
+                image_request(fmt, "two blue squares", (2, 5), cfg_scale=3.0, visual=GREEDY),
+                Request(np.concatenate([[fmt.vocab.bos], fmt.text("a story")]), max_new_tokens=9),
+                interleaved_request(fmt, 0, text=GREEDY, visual=GREEDY)]
+    engine = Engine(lm)
+    plain = [r.tokens.tolist() for r in engine.generate(requests)]
+    for window in (1, 4, 16):
+        jacobi = engine.generate(requests, decoding="jacobi", window=window)
+        assert [r.tokens.tolist() for r in jacobi] == plain
+        assert [r.finished for r in jacobi] == [r.finished for r in Engine(lm).generate(requests)]
+    engine.generate(requests[:2])  # images: free text is not drafted, so its steps take a pass each
+    plain_passes = engine.passes
+    engine.generate(requests[:2], decoding="jacobi", window=16)
+    assert engine.passes < plain_passes
+    with pytest.raises(InputError, match="decoding must be"):
+        engine.generate(requests, decoding="fast")
+
+
+def test_jacobi_samples_plain_decoding_s_distribution(lm, fmt, monkeypatch):
+    """Sampling with speculative Jacobi decoding draws from plain sampling's distribution: over 2,000 seeds
+    (CFG 2, top-k 4, a flatter head than the fixture's), each position's token counts agree with plain
+    decoding's (chi-square, p > 1e-3 at every position); the same test rejects a wrong acceptance rule
+    (keep a draft with probability p, ignoring its proposal q) at p < 1e-6."""
+    from scipy.stats import chi2_contingency
+
+    import emu3.generate as generate
+
+    flat = Emu3LM(lm.config).eval()
+    flat.load_state_dict(lm.state_dict())
+    with torch.no_grad():
+        flat.lm_head.weight.div_(5)  # the fixture's head is 40x: here 8x, so that sampling varies
+    grid = (2, 3)
+    requests = [image_request(fmt, "a red circle", grid, cfg_scale=2.0, visual=Sampling(1.0, 4), seed=s)
+                for s in range(2000)]
+    engine = Engine(flat)
+
+    def p_values(a, b):
+        out = []
+        for pos in range(a.shape[1]):
+            kinds = np.unique(np.concatenate([a[:, pos], b[:, pos]]))
+            if len(kinds) > 1:
+                table = np.array([[np.sum(x[:, pos] == k) for k in kinds] for x in (a, b)])
+                out.append(chi2_contingency(table)[1])
+        return out
+
+    plain = np.array([r.tokens for r in engine.generate(requests)])
+    jacobi = np.array([r.tokens for r in engine.generate(requests, decoding="jacobi", window=6)])
+    assert min(p_values(plain, jacobi)) > 1e-3
+    monkeypatch.setattr(generate, "accept_draft", lambda u, p, q: u <= p)
+    wrong = np.array([r.tokens for r in engine.generate(requests, decoding="jacobi", window=6)])
+    assert min(p_values(plain, wrong)) < 1e-6
+
+
+def test_jacobi_rows_in_a_batch_equal_rows_alone(lm, fmt):
+    """Rows accept different numbers of drafts per pass; each sampled request still gets the tokens it gets
+    alone (its drafts, coins and draws depend on its own seed and passes only)."""
+    requests = [image_request(fmt, p, (3, 4), cfg_scale=c, visual=Sampling(1.0, 8), seed=s)
+                for s, (p, c) in enumerate([("a red circle", 1.0), ("two blue", 3.0), ("a green square", 2.0)])]
+    requests.append(interleaved_request(fmt, 5))
+    alone = [Engine(lm).generate([r], decoding="jacobi", window=5)[0].tokens.tolist() for r in requests]
+    together = Engine(lm).generate(requests, decoding="jacobi", window=5)
+    assert [r.tokens.tolist() for r in together] == alone

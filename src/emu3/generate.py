@@ -137,10 +137,10 @@ def gumbel_noise(seeds: torch.Tensor, step: int | torch.Tensor, token_ids: torch
     return (-torch.log(-torch.log(u))).float()
 
 
-def sample(scores: torch.Tensor, token_ids: torch.Tensor, seeds: torch.Tensor, step: int | torch.Tensor,
-           temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """One token per row from (R, V) scores (log-probabilities up to a row constant; -inf = banned).
-    Order as in transformers: temperature, top-k, top-p; then Gumbel-max (argmax when temperature 0)."""
+def filtered(scores: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+             top_p: torch.Tensor) -> torch.Tensor:
+    """The scores sampling draws from (R, V): scaled by temperature (greedy rows unscaled), then top-k and
+    top-p applied (-inf = excluded), in transformers' order."""
     greedy = temperature <= 0
     scaled = scores / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
     v = scores.shape[1]
@@ -154,9 +154,36 @@ def sample(scores: torch.Tensor, token_ids: torch.Tensor, seeds: torch.Tensor, s
         above = probs.cumsum(1) - probs  # probability mass ranked strictly above each token
         drop_sorted = (above >= top_p[:, None]) & (top_p[:, None] < 1)  # rounding must not cut top_p = 1 rows
         scaled = scaled.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), -math.inf)
-    noisy = scaled + gumbel_noise(seeds, step, token_ids)
-    choice = torch.where(greedy, scores.argmax(1), noisy.argmax(1))
+    return scaled
+
+
+def sample(scores: torch.Tensor, token_ids: torch.Tensor, seeds: torch.Tensor, step: int | torch.Tensor,
+           temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """One token per row from (R, V) scores (log-probabilities up to a row constant; -inf = banned):
+    Gumbel-max over `filtered` scores (argmax when temperature 0)."""
+    noisy = filtered(scores, temperature, top_k, top_p) + gumbel_noise(seeds, step, token_ids)
+    choice = torch.where(temperature <= 0, scores.argmax(1), noisy.argmax(1))
     return token_ids.to(choice.device)[choice]
+
+
+def target_probs(scores: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                 top_p: torch.Tensor) -> torch.Tensor:
+    """(R, V) the distribution `sample` draws from: softmax of the filtered scores; one-hot at the argmax for
+    greedy rows."""
+    probs = torch.softmax(filtered(scores, temperature, top_k, top_p), dim=1)
+    greedy = torch.zeros_like(probs).scatter_(1, scores.argmax(1, keepdim=True), 1.0)
+    return torch.where((temperature <= 0)[:, None], greedy, probs)
+
+
+def accept_draft(u: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Speculative sampling's rule: a draft drawn from q is kept with probability min(1, p / q) (u uniform)."""
+    return u * q <= p
+
+
+def uniform_noise(seeds: torch.Tensor, key: int | torch.Tensor) -> torch.Tensor:
+    """(R,) uniform (0, 1) numbers, a pure function of (seed, key) (speculative decoding's coins)."""
+    keys = key.to(seeds) if isinstance(key, torch.Tensor) else torch.full_like(seeds, key)
+    return ((_hash32(_hash32(seeds & _M32) ^ _hash32(keys & _M32) ^ 0x5BD1E995).double() + 0.5) / 4294967296.0).float()
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,34 +259,50 @@ class Engine:
         return need
 
     @torch.no_grad()
-    def generate(self, requests: list[Request], on_step: Callable[[int, int], None] | None = None) -> list[Result]:
-        """Run the requests as one batch until every one has emitted a stop id or used its steps."""
+    def generate(self, requests: list[Request], on_step: Callable[[int, int], None] | None = None,
+                 decoding: str = "plain", window: int = 16) -> list[Result]:
+        """Run the requests as one batch until every one has emitted a stop id or used its steps.
+        decoding="jacobi": speculative Jacobi decoding (`Decoder.jacobi_pass`) with `window` drafts per
+        request: the same distribution as plain decoding (greedy: the same tokens) in fewer forward passes."""
+        if decoding not in ("plain", "jacobi"):
+            raise InputError(f"decoding must be 'plain' or 'jacobi', got {decoding!r}")
         need = self.check(requests)
-        core = Decoder(self, sum(r.rows() for r in requests), need)
+        jacobi = decoding == "jacobi"
+        core = Decoder(self, sum(r.rows() for r in requests), need + (window + 1 if jacobi else 0))
         core.add(requests)
         out = [[] for _ in requests]
         index = list(range(len(requests)))  # core position -> request
         finished = [False] * len(requests)
-        total, step = max(r.steps() for r in requests), 0
+        total, step, passes = max(r.steps() for r in requests), 0, 0
         while core.n:
-            token = core.choose()
-            ended, stopped = core.record(token)
-            for j, tok in enumerate(token.tolist()):
-                out[index[j]].append(tok)
+            if jacobi and passes:
+                accepted, ended, stopped = core.jacobi_pass()
+            else:
+                token = core.choose()
+                ended, stopped = core.record(token)
+                accepted = [[t] for t in token.tolist()]
+            passes += 1
+            for j, toks in enumerate(accepted):
+                out[index[j]] += toks
             done = ended.nonzero().flatten().tolist()
             for j in done:
                 finished[index[j]] = bool(stopped[j])
             if done:
                 core.remove(done)
-                keep = torch.ones(len(index), dtype=torch.bool, device=token.device)
-                keep[done] = False
-                token = token[keep]
+                if not jacobi or passes == 1:  # the token still to feed (jacobi: the core keeps its own)
+                    keep = torch.ones(len(index), dtype=torch.bool, device=token.device)
+                    keep[done] = False
+                    token = token[keep]
                 index = [k for j, k in enumerate(index) if j not in set(done)]
-            step += 1
+            step = max(map(len, out))
             if core.n:
-                core.decode(token)
+                if not jacobi:
+                    core.decode(token)
+                elif passes == 1:
+                    core.start_jacobi(token, window)
                 if on_step is not None:
                     on_step(step, total)
+        self.passes = passes  # forward passes of the last call (after the prefill), for measurements
         return [Result(np.asarray(t, dtype=np.int64), f) for t, f in zip(out, finished)]
 
     @torch.no_grad()
@@ -429,10 +472,7 @@ class Decoder:
     def choose(self) -> torch.Tensor:
         """One token for every running request (n,), each at its own step."""
         want = self.want()
-        if self.text_ok is not None and bool((self.max_images > 0).any()):  # BOI while a whole image fits
-            room = (self.images < self.max_images) & (self.total - self.step >= self.image_need)
-            boi = self.engine.vocab.boi
-            self.text_ok[:, boi] = torch.where(self.max_images > 0, room, self.text_ok[:, boi])
+        self._allow_images()
         forced = want >= 0
         if self.engine.fast and bool(forced.all()):
             return want  # nothing to choose: skip the head
@@ -441,6 +481,13 @@ class Decoder:
         temperature, top_k, top_p = (torch.where(visual, a, b) for a, b in zip(self.samp["visual"], self.samp["text"]))
         token = sample(scores, token_ids, self.seeds, self.step, temperature, top_k, top_p)
         return torch.where(forced, want, token)
+
+    def _allow_images(self) -> None:
+        """Free text may open an image (BOI) while the request has images left and room for a whole one."""
+        if self.text_ok is not None and bool((self.max_images > 0).any()):
+            room = (self.images < self.max_images) & (self.total - self.step >= self.image_need)
+            boi = self.engine.vocab.boi
+            self.text_ok[:, boi] = torch.where(self.max_images > 0, room, self.text_ok[:, boi])
 
     def record(self, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Count a step with the chosen tokens (n,): returns (ended, stopped), both (n,) bool: the request
@@ -480,11 +527,172 @@ class Decoder:
                 new += 1
         self.rows = rows
         k = torch.tensor(keep, dtype=torch.long, device=self.engine.device)
-        for name in ("template", "step", "total", "seeds", "stops", "scale", "images", "max_images", "image_need"):
-            setattr(self, name, getattr(self, name)[k])
+        for name in ("template", "step", "total", "seeds", "stops", "scale", "images", "max_images", "image_need",
+                     "pending", "drafts", "proposal", "passes"):
+            if getattr(self, name, None) is not None:
+                setattr(self, name, getattr(self, name)[k])
         if self.text_ok is not None:
             self.text_ok = self.text_ok[k]
         self.samp = {kind: [x[k] for x in xs] for kind, xs in self.samp.items()}
+
+    # ---- speculative Jacobi decoding ----
+
+    def start_jacobi(self, token: torch.Tensor, window: int) -> None:
+        """Begin speculative Jacobi decoding after a plain step chose `token` (n,) (recorded, not yet fed):
+        it becomes every request's pending token, and the first drafts are uniform over the visual codes."""
+        v, dev = self.engine.vocab, self.engine.device
+        if not 1 <= window <= 63:
+            raise InputError(f"the Jacobi window must be 1-63 tokens, got {window}")
+        self.window = window
+        self.pending = token.clone()
+        self.passes = torch.zeros(self.n, dtype=torch.long, device=dev)
+        self.drafts = torch.full((self.n, window), v.pad, dtype=torch.long, device=dev)
+        self.proposal = torch.full((self.n, window, v.codebook_size), 1.0 / v.codebook_size, device=dev)
+        self._redraft(torch.zeros(self.n, dtype=torch.long, device=dev), None, None)
+
+    def _window_want(self, first: torch.Tensor, length: int) -> torch.Tensor:
+        """(n, length) template values of steps first[i] + k; past a request's end: PAD (forced, ignored)."""
+        cols = first[:, None] + torch.arange(length, device=first.device)[None, :]
+        inside = cols < self.total[:, None]
+        vals = self.template.gather(1, cols.clamp(max=self.template.shape[1] - 1))
+        return torch.where(inside, vals, torch.full_like(vals, self.engine.vocab.pad))
+
+    def _redraft(self, keep: torch.Tensor, probs: torch.Tensor | None, token_ids: torch.Tensor | None) -> None:
+        """New drafts for steps step .. step + window - 1: where a distribution from the last pass covers the
+        step (probs (n, window + 1, V'), its window index = keep + 1 + k), a token drawn from it (the Jacobi
+        update; the proposal is that distribution), else one drawn uniformly over the visual codes; forced
+        steps take their id, free-text steps are not drafted (PAD)."""
+        v, dev, w = self.engine.vocab, self.engine.device, self.window
+        want = self._window_want(self.step, w)  # (n, w)
+        n, c = self.n, v.codebook_size
+        proposal = torch.full((n, w, c), 1.0 / c, device=dev)
+        if probs is not None:
+            src = keep[:, None] + 1 + torch.arange(w, device=dev)[None, :]  # (n, w) window index of each step
+            covered = src <= self.window
+            visual = probs[:, :, -c:] if token_ids is not None and len(token_ids) > c else probs
+            gathered = visual.gather(1, src.clamp(max=self.window)[:, :, None].expand(n, w, c))
+            mass = gathered.sum(-1, keepdim=True)
+            ok = covered[:, :, None] & (mass > 0)
+            proposal = torch.where(ok, gathered / mass.clamp(min=1e-30), proposal)
+        seeds_key = (3 << 28) + self.passes * 64
+        drafts = torch.empty((n, w), dtype=torch.long, device=dev)
+        visual_ids = self.engine.visual_ids
+        for k in range(w):
+            g = gumbel_noise(self.seeds, seeds_key + k, visual_ids)
+            q = proposal[:, k]
+            drafts[:, k] = visual_ids[(q.log().masked_fill(q <= 0, -math.inf) + g).argmax(1)]
+        drafts = torch.where(want >= 0, want, torch.where(want == VISUAL, drafts, torch.full_like(drafts, v.pad)))
+        self.drafts, self.proposal = drafts, proposal
+
+    def jacobi_pass(self) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+        """One forward pass over every request's pending token and its drafts: the drafts are verified in
+        order with the speculative-sampling rule (accept d with probability min(1, p(d) / q(d)), p the
+        distribution plain decoding samples at that step, q the draft's proposal); the first rejected one
+        is replaced by a draw from the residual max(0, p - q) (renormalised), or, when every draft held,
+        a bonus token is drawn from the next step's p. The accepted drafts enter the cache; the new token
+        becomes the pending one; the later steps are drafted again. Returns the tokens each request
+        accepted this pass (drafts and the new one, cut at a stop id or its end), and (ended, stopped) as
+        `record` does."""
+        e, v, dev, w = self.engine, self.engine.vocab, self.engine.device, self.window
+        n = self.n
+        self._allow_images()
+        owner = torch.tensor([i for i, rows in enumerate(self.rows) for _ in rows], device=dev)  # row -> request
+        m = len(owner)
+        feed = torch.cat([self.pending[:, None], self.drafts], 1)  # (n, w + 1)
+        lengths = self.lengths[:m].clone()
+        width = int(lengths.max()) + w + 1
+        key_mask = torch.arange(width, device=dev)[None, :] < lengths[:, None]
+        hidden = e.hidden_states(feed[owner], positions=lengths[:, None] + torch.arange(w + 1, device=dev)[None, :],
+                                 key_mask=key_mask, cache=self.cache.rows(0, m), start=lengths)  # (m, w + 1, H)
+        # the distributions of steps step .. step + w (the drafts' and the bonus's), all at once
+        want = self._window_want(self.step, w + 1)  # (n, w + 1)
+        guided = [i for i, rows in enumerate(self.rows) if len(rows) == 2]
+        cond = torch.tensor([rows[0] for rows in self.rows], device=dev)
+        h = hidden.shape[-1]
+        flat = hidden[cond].reshape(n * (w + 1), h)
+        uncond = torch.tensor([self.rows[i][1] for i in guided], dtype=torch.long, device=dev)
+        g_req = torch.tensor(guided, dtype=torch.long, device=dev)
+        g_idx = (g_req[:, None] * (w + 1) + torch.arange(w + 1, device=dev)[None, :]).reshape(-1)
+        u_flat = hidden[uncond].reshape(len(guided) * (w + 1), h)
+        u_idx = torch.arange(n * (w + 1), n * (w + 1) + len(g_idx), device=dev)
+        text_ok = self.text_ok if self.text_ok is not None else e.text_ok[None]
+        if text_ok.shape[0] > 1:
+            text_ok = text_ok.repeat_interleave(w + 1, 0)
+        scale = self.scale.repeat_interleave(w + 1)[g_idx][:, None]
+        scores, token_ids = guided_scores(e, torch.cat([flat, u_flat]), want.reshape(-1), g_idx, u_idx, scale,
+                                          text_ok)
+        visual = want.reshape(-1) == VISUAL
+        rep = lambda x: x.repeat_interleave(w + 1)  # noqa: E731
+        samp = [torch.where(visual, rep(a), rep(b)) for a, b in zip(self.samp["visual"], self.samp["text"])]
+        probs = target_probs(scores, *samp).reshape(n, w + 1, -1)  # (n, w + 1, V')
+        c = v.codebook_size
+        offset = v.visual_offset if len(token_ids) == c else 0  # token id -> column of probs
+        # verify the drafts in order
+        accepted = torch.zeros(n, dtype=torch.long, device=dev)  # drafts accepted
+        open_ = torch.ones(n, dtype=torch.bool, device=dev)
+        new = torch.full((n,), v.pad, dtype=torch.long, device=dev)
+        key = self.passes * 64
+        for k in range(w + 1):
+            wk = want[:, k]
+            at = open_.clone()
+            if k < w:
+                d = self.drafts[:, k]
+                drafted = (wk == VISUAL) | (wk >= 0)
+                col = (d - offset).clamp(0, probs.shape[2] - 1)
+                p_d = probs[:, k].gather(1, col[:, None])[:, 0]
+                q = self.proposal[:, k]  # (n, c) over visual codes
+                q_d = q.gather(1, (d - v.visual_offset).clamp(0, c - 1)[:, None])[:, 0]
+                u = uniform_noise(self.seeds, (1 << 28) + key + k)
+                ok = at & drafted & ((wk >= 0) | accept_draft(u, p_d, q_d))
+                accepted += ok.long()
+                # the first refusal: a draw from the residual (free text or a step past the drafts: from p)
+                stop_here = at & ~ok
+                p = probs[:, k]
+                if offset:  # probs over the visual codes, as q
+                    q_cols = q
+                else:  # probs over every id: the visual codes are the last c
+                    q_cols = torch.zeros_like(p)
+                    q_cols[:, -c:] = q
+                residual = (p - torch.where((wk == VISUAL)[:, None], q_cols, torch.zeros_like(q_cols))).clamp(min=0)
+                mass = residual.sum(1, keepdim=True)
+                residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p)
+                open_ = open_ & ok
+            else:  # every draft held: the bonus token, from the next step's p
+                stop_here = at
+                residual = probs[:, k]
+            if bool(stop_here.any()):
+                g = gumbel_noise(self.seeds, (2 << 28) + key + k, token_ids)
+                drawn = token_ids[(residual.log().masked_fill(residual <= 0, -math.inf) + g).argmax(1)]
+                drawn = torch.where(wk >= 0, wk, drawn)
+                new = torch.where(stop_here, drawn, new)
+            if not bool(open_.any()):
+                break
+        # accepted tokens per request: drafts[:accepted] then the new one, cut at a stop id or the end
+        out, ended, stopped = [], torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+        steps, totals, stops = self.step.tolist(), self.total.tolist(), self.stops.tolist()
+        drafts, acc, new_l = self.drafts.tolist(), accepted.tolist(), new.tolist()
+        for i in range(n):
+            toks = drafts[i][:acc[i]] + [new_l[i]]
+            toks = toks[:totals[i] - steps[i]]
+            for j, t in enumerate(toks):
+                if t in stops[i]:
+                    toks, stopped[i] = toks[:j + 1], True
+                    break
+            ended[i] = bool(stopped[i]) or steps[i] + len(toks) >= totals[i]
+            out.append(toks)
+        # the cache keeps the pending token and the accepted drafts; the new token is pending
+        self.lengths[:m] += 1 + accepted[owner]
+        for i, toks in enumerate(out):  # images inside free text open as in `record`
+            for j, t in enumerate(toks):
+                if t == v.boi and int(self.max_images[i]) > 0 and int(want[i, j]) == TEXT:
+                    self.step[i] += j + 1
+                    self._open_image(i)
+                    self.step[i] -= j + 1
+        self.step += torch.tensor([len(t) for t in out], device=dev)
+        self.pending = new
+        self.passes += 1
+        self._redraft(accepted, probs, token_ids)
+        return out, ended.to(dev), stopped.to(dev)
 
     def decode(self, token: torch.Tensor) -> None:
         """Feed each running request's new token (n,) through its rows (both rows of a guided request)."""

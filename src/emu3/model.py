@@ -225,10 +225,11 @@ class Attention(nn.Module):
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         if cache is not None:
-            if isinstance(start, torch.Tensor):  # one token per row, row b at its own column start[b]
-                rows = torch.arange(b, device=x.device)
-                cache.k[layer, rows, :, start] = k[:, :, 0]  # (B, KV, D)
-                cache.v[layer, rows, :, start] = v[:, :, 0]
+            if isinstance(start, torch.Tensor):  # row b's tokens at its own columns start[b] + i
+                rows = torch.arange(b, device=x.device)[:, None]  # (B, 1)
+                cols = start[:, None] + torch.arange(t, device=x.device)[None, :]  # (B, T)
+                cache.k[layer, rows, :, cols] = k.transpose(1, 2)  # (B, T, KV, D)
+                cache.v[layer, rows, :, cols] = v.transpose(1, 2)
                 s = mask.shape[-1]
             else:
                 cache.k[layer, :, :, start:start + t] = k
@@ -306,13 +307,17 @@ class Emu3LM(nn.Module):
                       cache: KVCache | None = None, start: int | torch.Tensor = 0) -> torch.Tensor:
         """(B, T) ids -> (B, T, hidden). With a cache, the T new tokens sit at columns [start, start+T).
 
-        `start` may be a (B,) tensor for T = 1: row b's token goes to column start[b] and attends to the
-        columns where `key_mask` (B, S) is True (S = 1 + the largest start); `positions` are required."""
+        `start` may be a (B,) tensor: row b's tokens go to columns start[b] .. start[b] + T - 1, and token i
+        attends to the columns where `key_mask` (B, S) is True (the filled ones) and to the row's new
+        columns up to its own (S >= T + the largest start); `positions` are required."""
         cfg = self.config
         b, t = input_ids.shape
         if isinstance(start, torch.Tensor):
-            if cache is None or t != 1 or positions is None or key_mask is None or start.shape != (b,):
-                raise InputError("per-row cache columns need a cache, one token per row, positions and a key_mask")
+            if cache is None or positions is None or key_mask is None or start.shape != (b,):
+                raise InputError("per-row cache columns need a cache, positions and a key_mask")
+            if key_mask.shape[1] < int(start.max()) + t:
+                raise InputError(f"key_mask covers {key_mask.shape[1]} columns, fewer than the new tokens reach "
+                                 f"({int(start.max()) + t})")
             if key_mask.shape[1] > cache.max_len:
                 raise InputError(f"sequence of {key_mask.shape[1]} tokens does not fit the KV cache of "
                                  f"{cache.max_len}")
@@ -394,11 +399,14 @@ def positions_for_documents(document_ids: torch.Tensor) -> torch.Tensor:
 def attention_mask(t: int, start: int | torch.Tensor, key_mask: torch.Tensor | None,
                    document_ids: torch.Tensor | None, device) -> torch.Tensor | None:
     """Boolean (B, 1, T, S) mask (True = attend) for T new tokens after `start` cached ones, or None
-    for a plain causal forward. S = start + T; with per-row columns (`start` a tensor, T = 1), S is
-    key_mask's width and each row sees its key_mask columns and its own new one."""
+    for a plain causal forward. S = start + T; with per-row columns (`start` a (B,) tensor), S is
+    key_mask's width and new token i of row b sees the row's key_mask columns and its new columns
+    start[b] .. start[b] + i."""
     if isinstance(start, torch.Tensor):
-        k = torch.arange(key_mask.shape[1], device=device)[None, :]
-        return (key_mask.bool() | (k == start[:, None]))[:, None, None, :]
+        k = torch.arange(key_mask.shape[1], device=device)[None, None, :]  # (1, 1, S)
+        first = start[:, None, None]  # (B, 1, 1)
+        own = (k >= first) & (k <= first + torch.arange(t, device=device)[None, :, None])  # (B, T, S)
+        return (key_mask.bool()[:, None, :] | own)[:, None]
     if key_mask is None and document_ids is None and start == 0:
         return None  # SDPA's own causal mask
     s = start + t
