@@ -221,6 +221,10 @@ def _pipeline(args, rows: int = threads.DECODE_ROWS):
 
     device, dtype = _device_dtype(args)
     emu = Emu3.from_pretrained(args.model, args.tokenizer, device=device, dtype=dtype)  # None: the built-in model
+    if getattr(args, "decoding", None):
+        emu.defaults.decoding = args.decoding
+    if getattr(args, "window", None):
+        emu.defaults.jacobi_window = args.window
     _set_threads(args, threads.lm_flops(emu.model, rows))
     return emu
 
@@ -562,6 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=float, help="0 means greedy")
         p.add_argument("--top-k", type=int, help="0 means off (released images: 2048)")
         p.add_argument("--top-p", type=float, help="1 means off")
+        p.add_argument("--decoding", choices=("plain", "jacobi"),
+                       help="jacobi: speculative Jacobi decoding, the same distribution in fewer forward passes "
+                            "(default: the model's, plain)")
+        p.add_argument("--window", type=int, help="draft tokens per pass with --decoding jacobi (default 16)")
 
     def guidance_opts(p):
         p.add_argument("--cfg", type=float, help="classifier-free guidance scale (released: 3.0; 1 = off)")
@@ -791,7 +799,8 @@ _RANGES: dict[str, tuple[float | str, float | None]] = {  # (lowest, highest or 
     "duration": (_ABOVE_0, None),
     "max_frames": (1, None), "frame_limit": (1, None), "num_frames": (1, None), "temperature": (0, None),
     "top_k": (0, None), "top_p": (_ABOVE_0, 1), "cfg": (0, None), "n": (1, None), "image_area": (64, None),
-    "batch_size": (1, None), "max_new_tokens": (1, None), "max_images": (1, 8), "frames": (1, None), "rings": (0, None),
+    "batch_size": (1, None), "max_new_tokens": (1, None), "max_images": (1, 8), "window": (1, 63),
+    "frames": (1, None), "rings": (0, None),
     "generation": (0, None), "understanding": (0, None), "video": (0, None), "tokenizer_images": (0, None),
     "inpainting": (0, None), "stories": (0, None), "episodes": (1, None), "horizon": (1, None), "history": (0, 1),
     "port": (0, 65535),
