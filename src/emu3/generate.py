@@ -574,13 +574,10 @@ class Decoder:
             mass = gathered.sum(-1, keepdim=True)
             ok = covered[:, :, None] & (mass > 0)
             proposal = torch.where(ok, gathered / mass.clamp(min=1e-30), proposal)
-        seeds_key = (3 << 28) + self.passes * 64
-        drafts = torch.empty((n, w), dtype=torch.long, device=dev)
+        keys = (3 << 28) + self.passes[:, None] * 64 + torch.arange(w, device=dev)[None, :]  # (n, w)
         visual_ids = self.engine.visual_ids
-        for k in range(w):
-            g = gumbel_noise(self.seeds, seeds_key + k, visual_ids)
-            q = proposal[:, k]
-            drafts[:, k] = visual_ids[(q.log().masked_fill(q <= 0, -math.inf) + g).argmax(1)]
+        g = gumbel_noise(self.seeds.repeat_interleave(w), keys.reshape(-1), visual_ids).view(n, w, c)
+        drafts = visual_ids[(proposal.log().masked_fill(proposal <= 0, -math.inf) + g).argmax(2)]
         drafts = torch.where(want >= 0, want, torch.where(want == VISUAL, drafts, torch.full_like(drafts, v.pad)))
         self.drafts, self.proposal = drafts, proposal
 
@@ -627,46 +624,29 @@ class Decoder:
         probs = target_probs(scores, *samp).reshape(n, w + 1, -1)  # (n, w + 1, V')
         c = v.codebook_size
         offset = v.visual_offset if len(token_ids) == c else 0  # token id -> column of probs
-        # verify the drafts in order
-        accepted = torch.zeros(n, dtype=torch.long, device=dev)  # drafts accepted
-        open_ = torch.ones(n, dtype=torch.bool, device=dev)
-        new = torch.full((n,), v.pad, dtype=torch.long, device=dev)
+        # verify the drafts in order, all at once: the leading run of accepted drafts, then one draw at the
+        # first refusal (from the residual), or at the bonus step when every draft held (from p)
+        rows = torch.arange(n, device=dev)
+        d, wd = self.drafts, want[:, :w]
+        drafted = (wd == VISUAL) | (wd >= 0)
+        p_d = probs[:, :w].gather(2, (d - offset).clamp(0, probs.shape[2] - 1)[:, :, None])[:, :, 0]  # (n, w)
+        q_d = self.proposal.gather(2, (d - v.visual_offset).clamp(0, c - 1)[:, :, None])[:, :, 0]
         key = self.passes * 64
-        for k in range(w + 1):
-            wk = want[:, k]
-            at = open_.clone()
-            if k < w:
-                d = self.drafts[:, k]
-                drafted = (wk == VISUAL) | (wk >= 0)
-                col = (d - offset).clamp(0, probs.shape[2] - 1)
-                p_d = probs[:, k].gather(1, col[:, None])[:, 0]
-                q = self.proposal[:, k]  # (n, c) over visual codes
-                q_d = q.gather(1, (d - v.visual_offset).clamp(0, c - 1)[:, None])[:, 0]
-                u = uniform_noise(self.seeds, (1 << 28) + key + k)
-                ok = at & drafted & ((wk >= 0) | accept_draft(u, p_d, q_d))
-                accepted += ok.long()
-                # the first refusal: a draw from the residual (free text or a step past the drafts: from p)
-                stop_here = at & ~ok
-                p = probs[:, k]
-                if offset:  # probs over the visual codes, as q
-                    q_cols = q
-                else:  # probs over every id: the visual codes are the last c
-                    q_cols = torch.zeros_like(p)
-                    q_cols[:, -c:] = q
-                residual = (p - torch.where((wk == VISUAL)[:, None], q_cols, torch.zeros_like(q_cols))).clamp(min=0)
-                mass = residual.sum(1, keepdim=True)
-                residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p)
-                open_ = open_ & ok
-            else:  # every draft held: the bonus token, from the next step's p
-                stop_here = at
-                residual = probs[:, k]
-            if bool(stop_here.any()):
-                g = gumbel_noise(self.seeds, (2 << 28) + key + k, token_ids)
-                drawn = token_ids[(residual.log().masked_fill(residual <= 0, -math.inf) + g).argmax(1)]
-                drawn = torch.where(wk >= 0, wk, drawn)
-                new = torch.where(stop_here, drawn, new)
-            if not bool(open_.any()):
-                break
+        ks = torch.arange(w, device=dev)
+        u = uniform_noise(self.seeds.repeat_interleave(w), ((1 << 28) + key[:, None] + ks[None, :]).reshape(-1))
+        ok = drafted & ((wd >= 0) | accept_draft(u.view(n, w), p_d, q_d))
+        accepted = ok.long().cumprod(1).sum(1)  # (n,) drafts accepted; the draw happens at window index accepted
+        p = probs[rows, accepted]  # (n, V')
+        q = self.proposal[rows, accepted.clamp(max=w - 1)]  # (n, c)
+        at = want[rows, accepted]
+        refused = (accepted < w) & (at == VISUAL)
+        q_cols = q if offset else torch.cat([torch.zeros_like(p[:, :-c]), q], 1)
+        residual = (p - torch.where(refused[:, None], q_cols, torch.zeros_like(q_cols))).clamp(min=0)
+        mass = residual.sum(1, keepdim=True)
+        residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p)
+        g = gumbel_noise(self.seeds, (2 << 28) + key + accepted, token_ids)
+        new = token_ids[(residual.log().masked_fill(residual <= 0, -math.inf) + g).argmax(1)]
+        new = torch.where(at >= 0, at, new)
         # accepted tokens per request: drafts[:accepted] then the new one, cut at a stop id or the end
         out, ended, stopped = [], torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
         steps, totals, stops = self.step.tolist(), self.total.tolist(), self.stops.tolist()
