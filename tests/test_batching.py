@@ -69,6 +69,26 @@ def test_per_row_cache_columns_equal_a_shared_column(lm):
                          key_mask=torch.ones(3, 7, dtype=torch.bool))
 
 
+def test_jacobi_in_the_batcher_equals_jacobi_alone(lm, fmt):
+    """Continuous batching with speculative Jacobi decoding: requests arriving between passes (their first
+    token from their own prefill) get the tokens Engine.generate's jacobi decoding gives each alone; each
+    generated token is delivered through on_token, several per step."""
+    requests = mixed_requests(fmt)
+    alone = [Engine(lm).generate([r], decoding="jacobi", window=6)[0].tokens.tolist() for r in requests]
+    seen = {}
+    b = Batcher(Engine(lm), max_rows=5, max_queue=8, decoding="jacobi", window=6)
+    on_token = lambda t, tok: seen.setdefault(id(t), []).append(tok)  # noqa: E731
+    tickets = [b.submit(r, on_token) for r in requests[:3]]
+    b.step()
+    tickets += [b.submit(r, on_token) for r in requests[3:]]
+    steps = 1
+    while b.step():
+        steps += 1
+    assert [t.result().tokens.tolist() for t in tickets] == alone
+    assert [seen[id(t)] for t in tickets] == alone
+    assert steps < max(map(len, alone))  # fewer passes than the longest request has tokens
+
+
 def test_tokens_equal_the_engine_with_staggered_arrivals_and_departures(lm, fmt):
     requests = mixed_requests(fmt)
     alone = [Engine(lm).generate([r])[0] for r in requests]

@@ -107,6 +107,22 @@ def test_images_match_the_library_and_seeds_are_reproducible(client, emu):
     assert Image.open(io.BytesIO(base64.b64decode(wide["b64_json"]))).size == (48, 24)
 
 
+def test_a_jacobi_server_matches_the_library_s_jacobi_decoding(model_folder):
+    """`emu3 serve --decoding jacobi`: the batcher runs speculative Jacobi passes, and an image is the one the
+    library's jacobi decoding draws for the same seed."""
+    jacobi = Emu3.from_pretrained(model_folder)
+    jacobi.defaults.decoding, jacobi.defaults.jacobi_window = "jacobi", 6
+    want = jacobi.generate_images(["a red circle"], n=2, seed=10)
+    r = Running(create_app(jacobi, ServeConfig(max_rows=4)), free_port())
+    try:
+        with httpx.Client(base_url=r.url, timeout=60) as c:
+            data = c.post("/v1/images/generations", json={"prompt": "a red circle", "n": 2, "seed": 10}).json()["data"]
+    finally:
+        r.stop()
+    for d, g in zip(data, want):
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"])))), g.pixels)
+
+
 def test_same_seed_same_image_whatever_else_is_in_the_batch(client, server):
     body = {"prompt": "two blue squares", "seed": 7, "cfg_scale": 3.0}
     alone = client.post("/v1/images/generations", json=body).json()["data"][0]["b64_json"]

@@ -92,16 +92,19 @@ class Batcher:
     request takes two) of `max_len` columns, and at most `max_queue` requests waiting."""
 
     def __init__(self, engine: Engine, max_rows: int = 16, max_len: int | None = None, max_queue: int = 64,
-                 on_end: Callable[[Ticket], None] | None = None, on_step: Callable[[int], None] | None = None):
+                 on_end: Callable[[Ticket], None] | None = None, on_step: Callable[[int], None] | None = None,
+                 decoding: str = "plain", window: int = 16):
         """`on_end(ticket)` runs once for every ticket as it ends and `on_step(rows)` after every step with the
-        rows that step ran (both on the worker thread; for metrics)."""
+        rows that step ran (both on the worker thread; for metrics). decoding="jacobi": every step is a
+        speculative Jacobi pass with `window` drafts per request (emu3.generate.Decoder)."""
         cfg = engine.model.config
         if max_rows < 1 or max_queue < 0:
             raise InputError(f"max_rows must be >= 1 and max_queue >= 0, got {max_rows} and {max_queue}")
         self.engine, self.max_rows, self.max_queue = engine, max_rows, max_queue
         self.on_end, self.on_step = on_end, on_step
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        self.core = Decoder(engine, max_rows, self.max_len)
+        slack = window + 1 if decoding == "jacobi" else 0  # a pass writes its drafts past the request's end
+        self.core = Decoder(engine, max_rows, self.max_len + slack, decoding, window)
         self.running: list[Ticket] = []  # in the core's order
         self.queue: deque[Ticket] = deque()
         self.lock = threading.Condition()
@@ -221,35 +224,36 @@ class Batcher:
             if not self.running:
                 return bool(self.queue)
             rows = self.rows_used
-            chosen = self.core.choose()
-            ended, stopped = self.core.record(chosen)
+            chosen, ended, stopped = self.core.step_tokens()  # one token per request, or a jacobi pass's
             finished = []
             now = time.monotonic()
-            for t, tok, end, stop in zip(self.running, chosen.tolist(), ended.tolist(), stopped.tolist()):
-                if not t.tokens:
+            for t, toks, end, stop in zip(self.running, chosen, ended.tolist(), stopped.tolist()):
+                if not t.tokens and toks:
                     t.first_token = now
-                t.tokens.append(tok)
-                if end:
-                    t.status = "finished" if stop else "length"
-                if t.on_token is not None:
-                    try:
-                        t.on_token(t, tok)
-                    except Exception as err:  # a broken consumer ends its own request only
-                        t.status, t.error = "failed", err
+                for k, tok in enumerate(toks):
+                    t.tokens.append(tok)
+                    if end and k == len(toks) - 1:
+                        t.status = "finished" if stop else "length"
+                    if t.on_token is not None:
+                        try:
+                            t.on_token(t, tok)
+                        except Exception as err:  # a broken consumer ends its own request only
+                            t.status, t.error = "failed", err
+                            break
                 if t.status != "running":
                     finished.append(t)
-            self.tokens_total += len(chosen)
+            made = sum(map(len, chosen))
+            self.tokens_total += made
             self.steps_total += 1
             now = time.monotonic()
-            self._recent.append((now, len(chosen)))
+            self._recent.append((now, made))
             while self._recent and self._recent[0][0] < now - 10:
                 self._recent.popleft()
             if self.on_step is not None:
                 self.on_step(rows)
-            keep = [t.status == "running" for t in self.running]
             self._retire(finished)
             if self.running:
-                self.core.decode(chosen[torch.tensor(keep, device=chosen.device)])
+                self.core.feed()
             return True
         except Exception as err:  # the model failed (e.g. out of memory): fail what was running, stay up
             for t in self.running:

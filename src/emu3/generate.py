@@ -268,19 +268,14 @@ class Engine:
             raise InputError(f"decoding must be 'plain' or 'jacobi', got {decoding!r}")
         need = self.check(requests)
         jacobi = decoding == "jacobi"
-        core = Decoder(self, sum(r.rows() for r in requests), need + (window + 1 if jacobi else 0))
+        core = Decoder(self, sum(r.rows() for r in requests), need + (window + 1 if jacobi else 0), decoding, window)
         core.add(requests)
         out = [[] for _ in requests]
         index = list(range(len(requests)))  # core position -> request
         finished = [False] * len(requests)
-        total, step, passes = max(r.steps() for r in requests), 0, 0
+        total, passes = max(r.steps() for r in requests), 0
         while core.n:
-            if jacobi and passes:
-                accepted, ended, stopped = core.jacobi_pass()
-            else:
-                token = core.choose()
-                ended, stopped = core.record(token)
-                accepted = [[t] for t in token.tolist()]
+            accepted, ended, stopped = core.step_tokens()
             passes += 1
             for j, toks in enumerate(accepted):
                 out[index[j]] += toks
@@ -289,20 +284,12 @@ class Engine:
                 finished[index[j]] = bool(stopped[j])
             if done:
                 core.remove(done)
-                if not jacobi or passes == 1:  # the token still to feed (jacobi: the core keeps its own)
-                    keep = torch.ones(len(index), dtype=torch.bool, device=token.device)
-                    keep[done] = False
-                    token = token[keep]
                 index = [k for j, k in enumerate(index) if j not in set(done)]
-            step = max(map(len, out))
             if core.n:
-                if not jacobi:
-                    core.decode(token)
-                elif passes == 1:
-                    core.start_jacobi(token, window)
+                core.feed()
                 if on_step is not None:
-                    on_step(step, total)
-        self.passes = passes  # forward passes of the last call (after the prefill), for measurements
+                    on_step(max(map(len, out)), total)
+        self.passes = passes + jacobi  # forward passes of the last call, the prefill included (measurements)
         return [Result(np.asarray(t, dtype=np.int64), f) for t, f in zip(out, finished)]
 
     @torch.no_grad()
@@ -360,9 +347,21 @@ class Decoder:
     `max_images` opens an image when it emits BOI: its template gets the image's header and grid from
     the next step on (`Request.image_header`, `image_grid`), then it is back in free text."""
 
-    def __init__(self, engine: Engine, max_rows: int, max_len: int):
+    def __init__(self, engine: Engine, max_rows: int, max_len: int, decoding: str = "plain", window: int = 16):
         e, cfg, dev = engine, engine.model.config, engine.device
+        if decoding not in ("plain", "jacobi"):
+            raise InputError(f"decoding must be 'plain' or 'jacobi', got {decoding!r}")
+        if decoding == "jacobi" and not 1 <= window <= 63:
+            raise InputError(f"the Jacobi window must be 1-63 tokens, got {window}")
         self.engine, self.max_rows, self.max_len = e, max_rows, max_len
+        self.decoding, self.window = decoding, window
+        self.last: torch.Tensor | None = None  # plain: the tokens chosen last, to feed
+        c = e.vocab.codebook_size  # jacobi: per request, its pending token (chosen, not fed), drafts, proposals
+        self.pending = torch.zeros(0, dtype=torch.long, device=dev)
+        self.fresh = torch.zeros(0, dtype=torch.bool, device=dev)  # added, first token not chosen yet
+        self.passes = torch.zeros(0, dtype=torch.long, device=dev)
+        self.drafts = torch.zeros((0, window), dtype=torch.long, device=dev)
+        self.proposal = torch.zeros((0, window, c), device=dev)
         self.cache = KVCache(cfg, max_rows, max_len, dev, e.dtype)
         self.lengths = torch.zeros(max_rows, dtype=torch.long, device=dev)  # filled columns per row
         self.hidden = torch.zeros(max_rows, cfg.hidden_size, dtype=e.dtype, device=dev)
@@ -436,6 +435,12 @@ class Decoder:
         width = max(self.stops.shape[1], *map(len, stops))
         old = torch.nn.functional.pad(self.stops, (0, width - self.stops.shape[1]), value=-1)
         self.stops = torch.cat([old, torch.tensor([x + [-1] * (width - len(x)) for x in stops], device=dev)])
+        k = len(requests)
+        self.pending = cat(self.pending, [e.vocab.pad] * k)
+        self.fresh = cat(self.fresh, [True] * k)
+        self.passes = cat(self.passes, [0] * k)
+        self.drafts = torch.cat([self.drafts, torch.full((k, self.window), e.vocab.pad, dtype=torch.long, device=dev)])
+        self.proposal = torch.cat([self.proposal, torch.zeros((k,) + self.proposal.shape[1:], device=dev)])
         own = [self._text_ok(r) for r in requests]
         if self.text_ok is not None or any(x is not None for x in own):
             before = self.text_ok if self.text_ok is not None else e.text_ok[None].repeat(self.n - len(requests), 1)
@@ -454,32 +459,39 @@ class Decoder:
             ok[v.boi] = True  # while there is room for a whole image (choose)
         return ok
 
-    def want(self) -> torch.Tensor:
-        """(n,) what each request's step may emit: an id, VISUAL or TEXT."""
-        return self.template[torch.arange(self.n, device=self.template.device), self.step]
+    def want(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """What each request's step may emit (an id, VISUAL or TEXT): (n,), or for the requests `idx`."""
+        idx = torch.arange(self.n, device=self.template.device) if idx is None else idx
+        return self.template[idx, self.step[idx]]
 
-    def scores(self, want: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Constrained, guided scores of the running requests (`guided_scores`)."""
+    def scores(self, want: torch.Tensor, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Constrained, guided scores of the running requests, or of the requests `idx` (`guided_scores`)."""
         dev = self.engine.device
-        guided = [i for i, rows in enumerate(self.rows) if len(rows) == 2]
-        rows = [r[0] for r in self.rows] + [self.rows[i][1] for i in guided]
+        picked = range(self.n) if idx is None else idx.tolist()
+        guided = [j for j, i in enumerate(picked) if len(self.rows[i]) == 2]
+        rows = [self.rows[i][0] for i in picked] + [self.rows[picked[j]][1] for j in guided]
         hidden = self.hidden[torch.tensor(rows, device=dev)]  # requests' rows, then unconditional rows
         g_idx = torch.tensor(guided, dtype=torch.long, device=dev)
-        u_idx = torch.arange(self.n, self.n + len(guided), device=dev)
+        u_idx = torch.arange(len(picked), len(picked) + len(guided), device=dev)
         text_ok = self.text_ok if self.text_ok is not None else self.engine.text_ok[None]
-        return guided_scores(self.engine, hidden, want, g_idx, u_idx, self.scale[g_idx][:, None], text_ok)
+        if idx is not None and text_ok.shape[0] > 1:
+            text_ok = text_ok[idx]
+        scale = self.scale if idx is None else self.scale[idx]
+        return guided_scores(self.engine, hidden, want, g_idx, u_idx, scale[g_idx][:, None], text_ok)
 
-    def choose(self) -> torch.Tensor:
-        """One token for every running request (n,), each at its own step."""
-        want = self.want()
+    def choose(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """One token for every running request (n,), or for the requests `idx`, each at its own step."""
+        want = self.want(idx)
         self._allow_images()
         forced = want >= 0
         if self.engine.fast and bool(forced.all()):
             return want  # nothing to choose: skip the head
-        scores, token_ids = self.scores(want)
+        scores, token_ids = self.scores(want, idx)
+        pick = (lambda x: x) if idx is None else (lambda x: x[idx])  # noqa: E731
         visual = want == VISUAL
-        temperature, top_k, top_p = (torch.where(visual, a, b) for a, b in zip(self.samp["visual"], self.samp["text"]))
-        token = sample(scores, token_ids, self.seeds, self.step, temperature, top_k, top_p)
+        temperature, top_k, top_p = (torch.where(visual, pick(a), pick(b))
+                                     for a, b in zip(self.samp["visual"], self.samp["text"]))
+        token = sample(scores, token_ids, pick(self.seeds), pick(self.step), temperature, top_k, top_p)
         return torch.where(forced, want, token)
 
     def _allow_images(self) -> None:
@@ -489,18 +501,51 @@ class Decoder:
             boi = self.engine.vocab.boi
             self.text_ok[:, boi] = torch.where(self.max_images > 0, room, self.text_ok[:, boi])
 
-    def record(self, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Count a step with the chosen tokens (n,): returns (ended, stopped), both (n,) bool: the request
-        emitted a stop id (stopped) or used all its steps. A free-text request that emitted BOI gets the
-        image's header and grid in its template from the next step on."""
+    def record(self, token: torch.Tensor, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Count a step with the chosen tokens (n,), or those of the requests `idx`: returns (ended, stopped),
+        both bool: the request emitted a stop id (stopped) or used all its steps. A free-text request that
+        emitted BOI gets the image's header and grid in its template from the next step on."""
         v = self.engine.vocab
-        want = self.want()
-        opened = ((want == TEXT) & (token == v.boi) & (self.max_images > 0)).nonzero().flatten().tolist()
-        self.step += 1
+        idx = torch.arange(self.n, device=self.template.device) if idx is None else idx
+        want = self.want(idx)
+        opened = idx[(want == TEXT) & (token == v.boi) & (self.max_images[idx] > 0)].tolist()
+        self.step[idx] += 1
         for i in opened:  # rare: Python work only when an image opens
             self._open_image(i)
-        stopped = (token[:, None] == self.stops).any(1)
-        return stopped | (self.step >= self.total), stopped
+        stopped = (token[:, None] == self.stops[idx]).any(1)
+        return stopped | (self.step[idx] >= self.total[idx]), stopped
+
+    # ---- one step of either decoding, for Engine.generate and the batcher ----
+
+    def step_tokens(self) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+        """Every running request's next tokens (plain decoding: one; jacobi: those a pass accepted; a request
+        added since the last call first gets its first token from its prefill, as plain decoding does), and
+        (ended, stopped) (n,) bool as `record` gives them. Then `remove` the ended ones and `feed`."""
+        if self.decoding == "plain":
+            token = self.choose()
+            ended, stopped = self.record(token)
+            self.last = token
+            return [[t] for t in token.tolist()], ended, stopped
+        fresh = self.fresh.nonzero().flatten()
+        if len(fresh):
+            first = self.choose(fresh)
+            first_ended, first_stopped = self.record(first, fresh)
+            self.pending[fresh] = first
+            self.fresh[fresh] = False
+            self._redraft(torch.zeros(self.n, dtype=torch.long, device=first.device), None, None, fresh)
+        out, ended, stopped = self.jacobi_pass()
+        for j, i in enumerate(fresh.tolist()):
+            if first_ended[j]:
+                out[i], ended[i], stopped[i] = [int(first[j])], True, first_stopped[j]
+            else:
+                out[i] = [int(first[j])] + out[i]
+        return out, ended, stopped
+
+    def feed(self) -> None:
+        """After `step_tokens` and `remove`: plain decoding feeds the chosen tokens through the model (jacobi
+        passes feed their own)."""
+        if self.decoding == "plain" and self.n:
+            self.decode(self.last)
 
     def _open_image(self, i: int) -> None:
         r, v = self.requests[i], self.engine.vocab
@@ -528,7 +573,7 @@ class Decoder:
         self.rows = rows
         k = torch.tensor(keep, dtype=torch.long, device=self.engine.device)
         for name in ("template", "step", "total", "seeds", "stops", "scale", "images", "max_images", "image_need",
-                     "pending", "drafts", "proposal", "passes"):
+                     "pending", "fresh", "drafts", "proposal", "passes", "last"):
             if getattr(self, name, None) is not None:
                 setattr(self, name, getattr(self, name)[k])
         if self.text_ok is not None:
@@ -537,34 +582,26 @@ class Decoder:
 
     # ---- speculative Jacobi decoding ----
 
-    def start_jacobi(self, token: torch.Tensor, window: int) -> None:
-        """Begin speculative Jacobi decoding after a plain step chose `token` (n,) (recorded, not yet fed):
-        it becomes every request's pending token, and the first drafts are uniform over the visual codes."""
-        v, dev = self.engine.vocab, self.engine.device
-        if not 1 <= window <= 63:
-            raise InputError(f"the Jacobi window must be 1-63 tokens, got {window}")
-        self.window = window
-        self.pending = token.clone()
-        self.passes = torch.zeros(self.n, dtype=torch.long, device=dev)
-        self.drafts = torch.full((self.n, window), v.pad, dtype=torch.long, device=dev)
-        self.proposal = torch.full((self.n, window, v.codebook_size), 1.0 / v.codebook_size, device=dev)
-        self._redraft(torch.zeros(self.n, dtype=torch.long, device=dev), None, None)
-
-    def _window_want(self, first: torch.Tensor, length: int) -> torch.Tensor:
-        """(n, length) template values of steps first[i] + k; past a request's end: PAD (forced, ignored)."""
+    def _window_want(self, first: torch.Tensor, length: int, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, length) template values of steps first[i] + k (of the requests `idx`, default all); past a
+        request's end: PAD (forced, ignored)."""
         cols = first[:, None] + torch.arange(length, device=first.device)[None, :]
-        inside = cols < self.total[:, None]
-        vals = self.template.gather(1, cols.clamp(max=self.template.shape[1] - 1))
+        total, template = (self.total, self.template) if idx is None else (self.total[idx], self.template[idx])
+        inside = cols < total[:, None]
+        vals = template.gather(1, cols.clamp(max=template.shape[1] - 1))
         return torch.where(inside, vals, torch.full_like(vals, self.engine.vocab.pad))
 
-    def _redraft(self, keep: torch.Tensor, probs: torch.Tensor | None, token_ids: torch.Tensor | None) -> None:
-        """New drafts for steps step .. step + window - 1: where a distribution from the last pass covers the
-        step (probs (n, window + 1, V'), its window index = keep + 1 + k), a token drawn from it (the Jacobi
-        update; the proposal is that distribution), else one drawn uniformly over the visual codes; forced
-        steps take their id, free-text steps are not drafted (PAD)."""
+    def _redraft(self, keep: torch.Tensor, probs: torch.Tensor | None, token_ids: torch.Tensor | None,
+                 idx: torch.Tensor | None = None) -> None:
+        """New drafts for steps step .. step + window - 1 (of every request, or of the requests `idx`): where a
+        distribution from the last pass covers the step (probs (n, window + 1, V'), its window index =
+        keep + 1 + k), a token drawn from it (the Jacobi update; the proposal is that distribution), else one
+        drawn uniformly over the visual codes; forced steps take their id, free-text steps are not drafted."""
         v, dev, w = self.engine.vocab, self.engine.device, self.window
-        want = self._window_want(self.step, w)  # (n, w)
-        n, c = self.n, v.codebook_size
+        full = idx is None
+        idx = torch.arange(self.n, device=dev) if full else idx
+        want = self._window_want(self.step[idx], w, idx)  # (n, w)
+        n, c = len(idx), v.codebook_size
         proposal = torch.full((n, w, c), 1.0 / c, device=dev)
         if probs is not None:
             src = keep[:, None] + 1 + torch.arange(w, device=dev)[None, :]  # (n, w) window index of each step
@@ -574,12 +611,12 @@ class Decoder:
             mass = gathered.sum(-1, keepdim=True)
             ok = covered[:, :, None] & (mass > 0)
             proposal = torch.where(ok, gathered / mass.clamp(min=1e-30), proposal)
-        keys = (3 << 28) + self.passes[:, None] * 64 + torch.arange(w, device=dev)[None, :]  # (n, w)
+        keys = (3 << 28) + self.passes[idx][:, None] * 64 + torch.arange(w, device=dev)[None, :]  # (n, w)
         visual_ids = self.engine.visual_ids
-        g = gumbel_noise(self.seeds.repeat_interleave(w), keys.reshape(-1), visual_ids).view(n, w, c)
+        g = gumbel_noise(self.seeds[idx].repeat_interleave(w), keys.reshape(-1), visual_ids).view(n, w, c)
         drafts = visual_ids[(proposal.log().masked_fill(proposal <= 0, -math.inf) + g).argmax(2)]
         drafts = torch.where(want >= 0, want, torch.where(want == VISUAL, drafts, torch.full_like(drafts, v.pad)))
-        self.drafts, self.proposal = drafts, proposal
+        self.drafts[idx], self.proposal[idx] = drafts, proposal
 
     def jacobi_pass(self) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
         """One forward pass over every request's pending token and its drafts: the drafts are verified in

@@ -61,7 +61,8 @@ class _State:
         self.draining = False
         self.metrics = Metrics(self)
         self.batcher = Batcher(pipe.engine, max_rows=config.max_rows, max_len=config.max_len,
-                               max_queue=config.max_queue, on_end=self.metrics.ended, on_step=self.metrics.rows.observe)
+                               max_queue=config.max_queue, on_end=self.metrics.ended, on_step=self.metrics.rows.observe,
+                               decoding=pipe.defaults.decoding, window=pipe.defaults.jacobi_window)
         self.started = time.time()
 
 
