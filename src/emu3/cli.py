@@ -301,6 +301,27 @@ def cmd_interleave(args) -> None:
     print(f"wrote {page}: {len(segments) - images} text segment(s) and {images} image(s)")
 
 
+def cmd_scaling_fit(args) -> None:
+    from .scaling import fit_runs
+
+    fits = fit_runs(args.runs, task=args.task, holdout=args.holdout, bootstrap=args.bootstrap)
+    if args.json:
+        print(json.dumps({t: f.to_dict() for t, f in fits.items()}, indent=2))
+        return
+    print("| task | E | A | B | alpha | beta | R^2 | MAPE | held-out MAPE | runs |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+
+    def cell(f, k: str, v: float) -> str:  # a value and its bootstrap interval
+        ci = (f.intervals or {}).get(k)
+        return f"{v:.4g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
+
+    for task, f in fits.items():
+        held = f"{f.holdout_mape:.2%}" if f.holdout_mape is not None else "-"
+        print(f"| {task} | {cell(f, 'E', f.E)} | {cell(f, 'A', f.A)} | {cell(f, 'B', f.B)} | "
+              f"{cell(f, 'alpha', f.alpha)} | {cell(f, 'beta', f.beta)} | {f.r2:.4f} | {f.mape:.2%} | {held} | "
+              f"{f.points} |")
+
+
 def cmd_generate_video(args) -> None:
     media.check_output_suffix(args.output, "video")
     emu = _pipeline(args)
@@ -612,6 +633,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_interleave)
 
+    sc = sub.add_parser("scaling", help="scaling laws: fit L(N, D) = E + A/N^alpha + B/D^beta to measured runs")
+    scs = sc.add_subparsers(dest="action", required=True)
+    p = scs.add_parser("fit", help="Chinchilla approach 3 (Huber on log-loss, L-BFGS from a grid), bootstrap "
+                                   "intervals")
+    p.add_argument("runs", metavar="RUNS.csv", help="columns task,params,tokens,loss")
+    p.add_argument("--task", help="fit this task only (default: each)")
+    p.add_argument("--holdout", type=int, default=0, help="leave out the K largest runs and score them as predictions")
+    p.add_argument("--bootstrap", type=int, default=100, help="resamples for the 95%% intervals (0: none)")
+    p.add_argument("--json", action="store_true", help="one JSON object: task -> E, A, B, alpha, beta, r2, mape, ...")
+    p.set_defaults(func=cmd_scaling_fit)
+
     p = sub.add_parser("generate-video", help="text-to-video")
     p.add_argument("prompt")
     p.add_argument("-o", "--output", required=True, metavar="OUT.mp4")
@@ -800,6 +832,7 @@ _RANGES: dict[str, tuple[float | str, float | None]] = {  # (lowest, highest or 
     "max_frames": (1, None), "frame_limit": (1, None), "num_frames": (1, None), "temperature": (0, None),
     "top_k": (0, None), "top_p": (_ABOVE_0, 1), "cfg": (0, None), "n": (1, None), "image_area": (64, None),
     "batch_size": (1, None), "max_new_tokens": (1, None), "max_images": (1, 8), "window": (1, 63),
+    "holdout": (0, None), "bootstrap": (0, None),
     "frames": (1, None), "rings": (0, None),
     "generation": (0, None), "understanding": (0, None), "video": (0, None), "tokenizer_images": (0, None),
     "inpainting": (0, None), "stories": (0, None), "episodes": (1, None), "horizon": (1, None), "history": (0, 1),

@@ -1,0 +1,165 @@
+"""Scaling laws: fit L(N, D) = E + A / N^alpha + B / D^beta to measured losses (`emu3 scaling fit`).
+
+The fit is Chinchilla's approach 3 done as Besiroglu et al. (2024) redid it: the law in log-sum-exp
+form, log L = LSE(a - alpha log N, b - beta log D, e) with A = exp(a), B = exp(b), E = exp(e); the Huber
+loss (delta 1e-3) of the residuals against log L, summed over the points (not averaged); L-BFGS from every
+point of Hoffmann et al.'s grid of starting values (alpha, beta in 0 .. 2, e in -1 .. 1, a, b in 0 .. 25),
+keeping the best; no rounding of what it finds. Confidence intervals come from refitting bootstrap
+resamples of the points (from the best start). N is the model's non-embedding parameters, D its training
+tokens (the columns `params` and `tokens` of a runs CSV: `task,params,tokens,loss`).
+
+scipy (L-BFGS-B) is the optimiser: `pip install "emu3[science]"`.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+COLUMNS = ("task", "params", "tokens", "loss")
+HUBER_DELTA = 1e-3
+# Hoffmann et al.'s starting grid: alpha, beta, e, a, b
+GRID = (np.arange(0, 2.01, 0.5), np.arange(0, 2.01, 0.5), np.arange(-1, 1.01, 0.5), np.arange(0, 25.1, 5),
+        np.arange(0, 25.1, 5))
+
+
+@dataclass
+class Fit:
+    """A fitted law with its quality: R^2 and mean absolute percentage error of the fitted points, and on
+    held-out points (`holdout_mape`: None when none were held out)."""
+
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+    r2: float
+    mape: float
+    points: int
+    holdout_mape: float | None = None
+    intervals: dict | None = None  # name -> (low, high), from the bootstrap
+
+    def predict(self, params, tokens) -> np.ndarray:
+        return law(np.asarray(params, float), np.asarray(tokens, float), self.E, self.A, self.B, self.alpha,
+                   self.beta)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def law(n: np.ndarray, d: np.ndarray, e: float, a: float, b: float, alpha: float, beta: float) -> np.ndarray:
+    return e + a / n ** alpha + b / d ** beta
+
+
+def read_runs(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A runs CSV -> {task: (k, 3) array of params, tokens, loss}; missing columns, unreadable numbers and
+    non-positive values are errors that name the row."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such runs file")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise InputError(f"{path}: missing column(s) {', '.join(missing)}; a runs file has columns "
+                             f"{','.join(COLUMNS)}")
+        out: dict[str, list] = {}
+        for i, row in enumerate(reader, 2):  # line 1 is the header
+            try:
+                values = [float(row[c]) for c in COLUMNS[1:]]
+            except (TypeError, ValueError):
+                raise InputError(f"{path}, line {i}: params, tokens and loss must be numbers, got "
+                                 f"{[row[c] for c in COLUMNS[1:]]}") from None
+            if not all(math.isfinite(v) and v > 0 for v in values):
+                raise InputError(f"{path}, line {i}: params, tokens and loss must be positive, got {values}")
+            out.setdefault(row["task"], []).append(values)
+    if not out:
+        raise InputError(f"{path}: no runs")
+    return {task: np.array(rows) for task, rows in out.items()}
+
+
+def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray,
+               delta: float) -> tuple[float, np.ndarray]:
+    """Summed Huber loss of LSE(a - alpha log N, b - beta log D, e) - log L, and its gradient."""
+    a, b, e, alpha, beta = theta
+    terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])  # (3, k)
+    top = terms.max(0)
+    w = np.exp(terms - top)
+    lse = top + np.log(w.sum(0))
+    w = w / w.sum(0)  # softmax weights: d lse / d term
+    r = lse - log_l
+    small = np.abs(r) <= delta
+    loss = np.where(small, 0.5 * r ** 2, delta * (np.abs(r) - 0.5 * delta)).sum()
+    g = np.where(small, r, delta * np.sign(r))  # d huber / d r
+    grad = np.array([(g * w[0]).sum(), (g * w[1]).sum(), (g * w[2]).sum(), -(g * w[0] * log_n).sum(),
+                     -(g * w[1] * log_d).sum()])
+    return float(loss), grad
+
+
+def _minimize(points: np.ndarray, starts, delta: float) -> tuple[np.ndarray, float]:
+    try:
+        from scipy.optimize import minimize
+    except ImportError as e:
+        raise InputError('fitting scaling laws needs scipy: pip install "emu3[science]"') from e
+
+    log_n, log_d, log_l = np.log(points[:, 0]), np.log(points[:, 1]), np.log(points[:, 2])
+    best, best_loss = None, math.inf
+    for start in starts:
+        res = minimize(_objective, np.asarray(start, float), args=(log_n, log_d, log_l, delta), jac=True,
+                       method="L-BFGS-B")
+        if res.fun < best_loss:
+            best, best_loss = res.x, res.fun
+    return best, best_loss
+
+
+def fit(points: np.ndarray, holdout: int = 0, bootstrap: int = 100, seed: int = 0,
+        delta: float = HUBER_DELTA) -> Fit:
+    """Fit the law to (k, 3) points (params, tokens, loss); the `holdout` largest runs (by params x tokens)
+    are left out of the fit and scored as predictions; `bootstrap` resamples give 95 % intervals."""
+    points = np.asarray(points, float)
+    if points.ndim != 2 or points.shape[1] != 3:
+        raise InputError(f"points must be (k, 3): params, tokens, loss; got shape {points.shape}")
+    if holdout < 0 or len(points) - holdout < 5:
+        raise InputError(f"a fit of 5 parameters needs at least 5 runs left after holding out {holdout}; "
+                         f"there are {len(points)}")
+    order = np.argsort(points[:, 0] * points[:, 1], kind="stable")
+    train, held = points[order[:len(points) - holdout]], points[order[len(points) - holdout:]]
+    grid = [(a, b, e, alpha, beta) for alpha, beta, e, a, b in itertools.product(*GRID)]
+    theta, _ = _minimize(train, grid, delta)
+    a, b, e, alpha, beta = (float(x) for x in theta)
+    pred = law(train[:, 0], train[:, 1], math.exp(e), math.exp(a), math.exp(b), alpha, beta)
+    obs = train[:, 2]
+    r2 = 1 - float(((obs - pred) ** 2).sum() / max(((obs - obs.mean()) ** 2).sum(), 1e-300))
+    out = Fit(math.exp(e), math.exp(a), math.exp(b), alpha, beta, r2, float(np.mean(np.abs(pred / obs - 1))),
+              len(train))
+    if len(held):
+        out.holdout_mape = float(np.mean(np.abs(out.predict(held[:, 0], held[:, 1]) / held[:, 2] - 1)))
+    if bootstrap:
+        rng = np.random.default_rng(seed)
+        draws = []
+        for _ in range(bootstrap):
+            sample = train[rng.integers(0, len(train), len(train))]
+            t, _ = _minimize(sample, [theta], delta)
+            draws.append([math.exp(t[2]), math.exp(t[0]), math.exp(t[1]), t[3], t[4]])
+        lo, hi = np.percentile(np.array(draws), [2.5, 97.5], axis=0)
+        out.intervals = {k: (float(x), float(y)) for k, x, y in zip(("E", "A", "B", "alpha", "beta"), lo, hi)}
+    return out
+
+
+def fit_runs(path: str | os.PathLike, task: str | None = None, holdout: int = 0, bootstrap: int = 100,
+             seed: int = 0) -> dict[str, Fit]:
+    """Fit every task of a runs CSV (or one)."""
+    runs = read_runs(path)
+    if task is not None:
+        if task not in runs:
+            raise InputError(f"{path}: no runs of task {task!r}; it has {', '.join(sorted(runs))}")
+        runs = {task: runs[task]}
+    return {t: fit(p, holdout, bootstrap, seed) for t, p in sorted(runs.items())}

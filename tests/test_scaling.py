@@ -1,0 +1,70 @@
+"""Scaling-law fits: recovery of a known law, held-out prediction, bootstrap intervals, bad runs files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from emu3 import scaling
+from emu3.errors import InputError
+
+TRUE = dict(e=1.69, a=406.4, b=410.7, alpha=0.34, beta=0.28)  # Chinchilla's published law
+
+
+def synthetic(noise: float = 0.005, seed: int = 0) -> np.ndarray:
+    """Points of the law on 5 sizes x 4 token budgets (each a decade or more), with multiplicative noise."""
+    rng = np.random.default_rng(seed)
+    n = np.logspace(6, 9, 5)
+    d = np.logspace(8, 11, 4)
+    nn, dd = (x.reshape(-1) for x in np.meshgrid(n, d))
+    loss = scaling.law(nn, dd, TRUE["e"], TRUE["a"], TRUE["b"], TRUE["alpha"], TRUE["beta"])
+    return np.stack([nn, dd, loss * np.exp(rng.normal(0, noise, len(loss)))], 1)
+
+
+def test_the_fit_recovers_a_known_law_and_predicts_held_out_runs():
+    pytest.importorskip("scipy")
+    exact = scaling.fit(synthetic(noise=0.0), bootstrap=0)
+    assert abs(exact.alpha - TRUE["alpha"]) < 0.01 and abs(exact.beta - TRUE["beta"]) < 0.01
+    assert exact.mape < 1e-3 and exact.r2 > 0.9999
+    noisy = scaling.fit(synthetic(), holdout=3, bootstrap=30)
+    assert abs(noisy.alpha - TRUE["alpha"]) < 0.08 and abs(noisy.beta - TRUE["beta"]) < 0.08
+    assert noisy.points == 17 and noisy.holdout_mape < 0.03 and noisy.r2 > 0.99
+    lo, hi = noisy.intervals["beta"]
+    assert lo <= noisy.beta <= hi and hi - lo < 0.3
+
+
+def test_runs_files_are_checked(tmp_path):
+    good = tmp_path / "runs.csv"
+    rows = ["task,params,tokens,loss"] + [f"t2i,{n:.0f},{d:.0f},{loss}" for n, d, loss in synthetic()]
+    good.write_text("\n".join(rows) + "\n")
+    assert set(scaling.read_runs(good)) == {"t2i"} and scaling.read_runs(good)["t2i"].shape == (20, 3)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("task,params,loss\nt2i,1,2\n")
+    with pytest.raises(InputError, match="missing column.*tokens"):
+        scaling.read_runs(bad)
+    bad.write_text("task,params,tokens,loss\nt2i,1e6,-5,2\n")
+    with pytest.raises(InputError, match="line 2: .*positive"):
+        scaling.read_runs(bad)
+    bad.write_text("task,params,tokens,loss\nt2i,1e6,abc,2\n")
+    with pytest.raises(InputError, match="line 2: .*numbers"):
+        scaling.read_runs(bad)
+    with pytest.raises(InputError, match="at least 5 runs"):
+        scaling.fit(synthetic()[:6], holdout=2)
+    with pytest.raises(InputError, match="no runs of task 'i2t'"):
+        scaling.fit_runs(good, task="i2t")
+
+
+def test_the_fit_command(tmp_path, capsys):
+    pytest.importorskip("scipy")
+    import json
+
+    from emu3.cli import main
+
+    runs = tmp_path / "runs.csv"
+    rows = "".join(f"t2i,{n:.0f},{d:.0f},{loss}\n" for n, d, loss in synthetic())
+    runs.write_text("task,params,tokens,loss\n" + rows)
+    assert main(["scaling", "fit", str(runs), "--bootstrap", "0", "--holdout", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)["t2i"]
+    assert {"E", "A", "B", "alpha", "beta", "r2", "mape"} <= set(out) and abs(out["alpha"] - TRUE["alpha"]) < 0.1
+    assert main(["scaling", "fit", str(tmp_path / "none.csv")]) == 2
+    assert "no such runs file" in capsys.readouterr().err
