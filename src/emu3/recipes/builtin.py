@@ -60,9 +60,9 @@ ADDED = {"reasoned": ("reasoned", "reasoned QA dataset"), "more_videos": ("more/
 PARTS = (Part("demo", MIX), Part("demo-2", MIX), Part("demo-2", MIX), Part("demo-4", MIX),
          Part("demo-5", MIX_REASONED, adds="reasoned"), Part("demo-6", MIX_VIDEO, adds="more_videos"),
          Part("demo-7", MIX_BALANCED, adds="balanced"))
-# `emu3 build-demo` runs the parts of the shipped model (6); `--parts 7` adds the part now being trained, and
-# parts past len(PARTS) repeat the last row
-DEMO_PARTS = 6
+# `emu3 build-demo` runs the parts of the shipped model (7); `--parts N` stops earlier or goes on, and parts past
+# len(PARTS) repeat the last row
+DEMO_PARTS = 7
 # video_top_k 1: part 6 extends videos greedily, 0.50 / 0.53 of objects placed on two clip sets where top-k 16 has
 # 0.44 / 0.48 (README, "The built-in model")
 DEFAULTS = {"positive_suffix": "", "negative_prompt": "", "cfg_scale": 3.0, "image_top_k": 16,
