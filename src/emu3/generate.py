@@ -511,7 +511,7 @@ class Decoder:
         opened = idx[(want == TEXT) & (token == v.boi) & (self.max_images[idx] > 0)].tolist()
         self.step[idx] += 1
         for i in opened:  # rare: Python work only when an image opens
-            self._open_image(i)
+            self._open_image(i, int(self.step[i]))
         stopped = (token[:, None] == self.stops[idx]).any(1)
         return stopped | (self.step[idx] >= self.total[idx]), stopped
 
@@ -547,11 +547,11 @@ class Decoder:
         if self.decoding == "plain" and self.n:
             self.decode(self.last)
 
-    def _open_image(self, i: int) -> None:
+    def _open_image(self, i: int, s: int) -> None:
+        """Request i emitted BOI in free text: its template gets the image's header and grid from step s on."""
         r, v = self.requests[i], self.engine.vocab
         part = torch.as_tensor(np.concatenate([r.image_header, image_template(v, *r.image_grid, eos=False)]),
                                device=self.template.device)
-        s = int(self.step[i])
         self.template[i, s:s + len(part)] = part
         self.images[i] += 1
 
@@ -702,9 +702,7 @@ class Decoder:
         for i, toks in enumerate(out):  # images inside free text open as in `record`
             for j, t in enumerate(toks):
                 if t == v.boi and int(self.max_images[i]) > 0 and int(want[i, j]) == TEXT:
-                    self.step[i] += j + 1
-                    self._open_image(i)
-                    self.step[i] -= j + 1
+                    self._open_image(i, int(self.step[i]) + j + 1)
         self.step += torch.tensor([len(t) for t in out], device=dev)
         self.pending = new
         self.passes += 1
