@@ -330,3 +330,60 @@ def test_jacobi_rows_in_a_batch_equal_rows_alone(lm, fmt):
     alone = [Engine(lm).generate([r], decoding="jacobi", window=5)[0].tokens.tolist() for r in requests]
     together = Engine(lm).generate(requests, decoding="jacobi", window=5)
     assert [r.tokens.tolist() for r in together] == alone
+
+
+# ---- the decode loop shaped for a GPU (emu3.graphs) ----
+
+
+def test_decode_step_equals_its_eager_twin(lm, fmt):
+    """decode_step (every cache column under a mask, no host checks) gives the hidden states of hidden_states
+    with per-row columns over the filled columns only, for rows of different lengths."""
+    from emu3.model import KVCache
+
+    torch.manual_seed(1)
+    lengths = torch.tensor([5, 9, 2])
+    ids = torch.randint(0, fmt.vocab.size, (3, 9))
+    caches = [KVCache(lm.config, 3, 24) for _ in range(2)]
+    cols = torch.arange(9)
+    with torch.no_grad():
+        for cache in caches:
+            lm.hidden_states(ids, positions=cols.expand(3, 9), key_mask=cols[None] < lengths[:, None], cache=cache)
+        token = torch.tensor([7, 11, 13])
+        fast = lm.decode_step(token, lengths, caches[0])
+        width = int(lengths.max()) + 1
+        slow = lm.hidden_states(token[:, None], positions=lengths[:, None],
+                                key_mask=torch.arange(width)[None] < lengths[:, None], cache=caches[1],
+                                start=lengths)[:, 0]
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[0].k, caches[1].k)
+
+
+def static_requests(fmt, sampling):
+    grids = [(3, 4), (2, 5), (3, 4)]
+    prompts = ["a red circle", "two blue", "a green square above"]
+    out = [image_request(fmt, p, g, cfg_scale=c, visual=sampling, seed=s)
+           for s, (p, g, c) in enumerate(zip(prompts, grids, [3.0, 1.0, 2.0]))]
+    out.append(Request(fmt.video_prompt("a square moves", (2, 2, 3)),
+                       video_template(fmt.vocab, fmt.video_header(2, 2, 3), 2, 2, 3), negative=fmt.negative_prompt(
+                           (2, 3)), cfg_scale=3.0, visual=sampling, seed=9))
+    return out
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, Sampling(1.0, 8), Sampling(0.9, 0, 0.8)])
+def test_static_loop_gives_the_tokens_of_the_general_core(lm, fmt, sampling):
+    """Images of several grids and a video, guided or not, greedy and sampled: the static loop (one shape, no
+    read-back until the end) gives each request exactly the tokens plain decoding gives it."""
+    requests = static_requests(fmt, sampling)
+    plain = Engine(lm).generate(requests, static=False)
+    engine = Engine(lm)
+    static = engine.generate(requests, static=True)
+    assert [r.tokens.tolist() for r in static] == [r.tokens.tolist() for r in plain]
+    assert [r.finished for r in static] == [r.finished for r in plain] == [True] * 4
+    assert engine.passes == max(r.steps() for r in requests)
+
+
+def test_static_loop_refuses_free_text(lm, fmt):
+    chat = Request(fmt.chat_prompt(np.zeros((2, 2), np.int64), "what is it?"), max_new_tokens=4)
+    with pytest.raises(InputError, match="free text"):
+        Engine(lm).generate([chat], static=True)
+    assert len(Engine(lm).generate([chat])[0].tokens)  # the default on a CPU: the general core

@@ -76,3 +76,17 @@ def test_compiled_decode_step_gives_the_same_tokens(small_tokenizer):
     eager = Engine(model).generate(reqs)
     compiled = Engine(model, compile=True).generate(reqs)
     assert all(np.array_equal(a.tokens, b.tokens) for a, b in zip(eager, compiled))
+
+
+@pytest.mark.slow
+def test_compiled_static_loop_gives_the_eager_tokens(lm, fmt):
+    """The decode step and the choice compiled (static shapes, fullgraph; CUDA graphs where there is CUDA) give
+    the tokens of the eager static loop and of the general core, twice (the second run reuses the code)."""
+    from emu3.generate import Engine, Sampling
+    from tests.test_generate import static_requests
+
+    requests = static_requests(fmt, Sampling(1.0, 8))
+    plain = [r.tokens.tolist() for r in Engine(lm).generate(requests, static=False)]
+    engine = Engine(lm, compile=True)
+    for _ in range(2):
+        assert [r.tokens.tolist() for r in engine.generate(requests, static=True)] == plain

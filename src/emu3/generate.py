@@ -18,7 +18,9 @@ Fast paths (each with a slow twin; `Engine(fast=False)` runs the twins, tests co
   the head (32,768 of 184,622 released); softmax over that subset differs from the full one by a
   per-row constant, which cancels in CFG mixing, top-k, top-p and sampling;
 - when every active row's next token is forced (EOL, EOF, ...), the head is skipped;
-- optional `torch.compile` of the per-step forward (`Engine(compile=True)`).
+- optional `torch.compile` of the per-step forward (`Engine(compile=True)`);
+- images and video on a GPU: a loop with static shapes, a compiled step (CUDA graphs) and no host
+  synchronisation (`emu3.graphs`; `Engine.generate(static=True)` anywhere, the default on CUDA).
 """
 
 from __future__ import annotations
@@ -138,17 +140,21 @@ def gumbel_noise(seeds: torch.Tensor, step: int | torch.Tensor, token_ids: torch
 
 
 def filtered(scores: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-             top_p: torch.Tensor) -> torch.Tensor:
+             top_p: torch.Tensor, k_max: int | None = None, nucleus: bool | None = None) -> torch.Tensor:
     """The scores sampling draws from (R, V): scaled by temperature (greedy rows unscaled), then top-k and
-    top-p applied (-inf = excluded), in transformers' order."""
+    top-p applied (-inf = excluded), in transformers' order. `k_max` (the largest effective k, V when no
+    row filters) and `nucleus` (some row has top_p < 1), when the caller knows them, spare reading them
+    back from the device (a decode loop without host synchronisation)."""
     greedy = temperature <= 0
     scaled = scores / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
     v = scores.shape[1]
     k = torch.where((top_k <= 0) | (top_k >= v), torch.full_like(top_k, v), top_k)
-    if bool((k < v).any()):
-        kth = torch.topk(scaled, int(k.max()), dim=1).values.gather(1, (k - 1)[:, None])  # (R, 1)
+    if k_max is None:
+        k_max = int(k.max()) if bool((k < v).any()) else v
+    if k_max < v:
+        kth = torch.topk(scaled, k_max, dim=1).values.gather(1, (k - 1)[:, None])  # (R, 1)
         scaled = scaled.masked_fill(scaled < kth, -math.inf)
-    if bool((top_p < 1).any()):
+    if nucleus if nucleus is not None else bool((top_p < 1).any()):
         sorted_scores, order = torch.sort(scaled, dim=1, descending=True)
         probs = torch.softmax(sorted_scores, dim=1)
         above = probs.cumsum(1) - probs  # probability mass ranked strictly above each token
@@ -158,10 +164,11 @@ def filtered(scores: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tenso
 
 
 def sample(scores: torch.Tensor, token_ids: torch.Tensor, seeds: torch.Tensor, step: int | torch.Tensor,
-           temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+           temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, k_max: int | None = None,
+           nucleus: bool | None = None) -> torch.Tensor:
     """One token per row from (R, V) scores (log-probabilities up to a row constant; -inf = banned):
     Gumbel-max over `filtered` scores (argmax when temperature 0)."""
-    noisy = filtered(scores, temperature, top_k, top_p) + gumbel_noise(seeds, step, token_ids)
+    noisy = filtered(scores, temperature, top_k, top_p, k_max, nucleus) + gumbel_noise(seeds, step, token_ids)
     choice = torch.where(temperature <= 0, scores.argmax(1), noisy.argmax(1))
     return token_ids.to(choice.device)[choice]
 
@@ -198,9 +205,10 @@ class Engine:
         self.vocab = vocab or model.config.vocabulary()
         if self.vocab.size != model.config.vocab_size:
             raise InputError(f"the tokenizer has {self.vocab.size} ids but the model {model.config.vocab_size}")
-        self.fast = fast
+        self.fast, self.compile = fast, compile
         # the model's forward to hidden states (compiled with compile=True)
         self.hidden_states = torch.compile(model.hidden_states, dynamic=True) if compile else model.hidden_states
+        self.static = None  # the static loop (emu3.graphs), made on first use
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         v = self.vocab
@@ -260,12 +268,24 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, requests: list[Request], on_step: Callable[[int, int], None] | None = None,
-                 decoding: str = "plain", window: int = 16) -> list[Result]:
+                 decoding: str = "plain", window: int = 16, static: bool | None = None) -> list[Result]:
         """Run the requests as one batch until every one has emitted a stop id or used its steps.
         decoding="jacobi": speculative Jacobi decoding (`Decoder.jacobi_pass`) with `window` drafts per
-        request: the same distribution as plain decoding (greedy: the same tokens) in fewer forward passes."""
+        request: the same distribution as plain decoding (greedy: the same tokens) in fewer forward passes.
+        static: plain decoding of images and video in the loop shaped for a GPU (`emu3.graphs.StaticLoop`:
+        the same tokens); None = on CUDA when the requests allow it."""
         if decoding not in ("plain", "jacobi"):
             raise InputError(f"decoding must be 'plain' or 'jacobi', got {decoding!r}")
+        if static is not False and decoding == "plain":
+            from .graphs import StaticLoop, eligible
+
+            why = eligible(requests)
+            if static and why is not None:
+                raise InputError(why)
+            if why is None and (static or (self.device.type == "cuda" and self.fast)):
+                if self.static is None:
+                    self.static = StaticLoop(self, compile=self.compile)
+                return self.static.generate(requests, on_step)
         need = self.check(requests)
         jacobi = decoding == "jacobi"
         core = Decoder(self, sum(r.rows() for r in requests), need + (window + 1 if jacobi else 0), decoding, window)

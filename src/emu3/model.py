@@ -336,6 +336,21 @@ class Emu3LM(nn.Module):
                 x = layer(x, cos, sin, mask, cache, i, start)
         return self.model.norm(x)
 
+    def decode_step(self, token: torch.Tensor, lengths: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One new token per cache row, shaped for a GPU: (B,) ids at positions and columns `lengths` (B,)
+        -> (B, hidden). Every call has the same shapes: attention reads every column of the cache under
+        a mask of the filled ones (columns < lengths[b]) and the row's own; nothing is checked on the host,
+        so a compiled step runs without synchronising (the caller keeps lengths < cache.max_len). Its slow
+        twin is `hidden_states` with per-row `start`, over the filled columns only."""
+        cfg = self.config
+        cols = torch.arange(cache.max_len, device=token.device)
+        mask = (cols[None, :] <= lengths[:, None])[:, None, None]  # (B, 1, 1, S): filled columns and its own
+        x = self.model.embed_tokens(token[:, None])  # (B, 1, H)
+        cos, sin = rope(lengths[:, None], cfg.head_dim, cfg.rope_theta, cfg.rope_factor, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, cache, i, lengths)
+        return self.model.norm(x)[:, 0]
+
     def logits(self, hidden: torch.Tensor, vocab: slice | None = None) -> torch.Tensor:
         """fp32 logits, optionally over a contiguous slice of the vocabulary (e.g. the visual ids)."""
         w = self.lm_head.weight if vocab is None else self.lm_head.weight[vocab]
