@@ -90,3 +90,18 @@ def test_compiled_static_loop_gives_the_eager_tokens(lm, fmt):
     engine = Engine(lm, compile=True)
     for _ in range(2):
         assert [r.tokens.tolist() for r in engine.generate(requests, static=True)] == plain
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_runs_its_tiny_configuration():
+    """benchmarks/bench_gpu.py is prepared for a lent GPU; here it runs its small configuration on the CPU and
+    every row of its table must come out (a failed row says 'failed')."""
+    out = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--tiny", "--batches", "1", "--short", "12"],
+                         capture_output=True, text=True, timeout=900, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert "failed" not in out.stdout, out.stdout
+    labels = [r.split("|")[1].strip() for r in rows]
+    assert labels[0].startswith("static, compiled") and labels[1:] == [
+        "eager (general core)", "jacobi (general core)", "official (transformers generate + processors)"], rows
+    assert "16 of 16 the same" in out.stdout

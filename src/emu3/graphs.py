@@ -74,7 +74,11 @@ class StaticLoop:
             self.choose_fn = torch.compile(choose_visual, fullgraph=True, dynamic=False, mode=mode)
 
     @torch.no_grad()
-    def generate(self, requests: list[Request], on_step: Callable[[int, int], None] | None = None) -> list[Result]:
+    def generate(self, requests: list[Request], on_step: Callable[[int, int], None] | None = None,
+                 limit: int | None = None) -> list[Result]:
+        """Each request's tokens as plain decoding gives them. `limit`: stop after that many steps, with the
+        shapes of the whole run (a warm-up that compiles and captures what the whole run replays, timings
+        of the first tokens); the results are then cut there and not finished."""
         e, v = self.engine, self.engine.vocab
         why = eligible(requests)
         if why is not None:
@@ -109,20 +113,21 @@ class StaticLoop:
         lengths = core.lengths[:m].clone()
         hidden = core.hidden[:m].clone()
         out = torch.empty((steps, n), dtype=torch.long, device=dev)
-        for s in range(steps):
+        run = steps if limit is None else max(1, min(limit, steps))
+        for s in range(run):
             if forced[s]:
                 token = want_dev[s]
             else:
                 token = self.choose_fn(e.model, hidden, want_dev[s], cond, uncond, guided, scale, seeds, step_ids[s],
                                        temperature, top_k, top_p, e.visual_ids, k_max, nucleus)
             out[s] = token
-            if s + 1 < steps:
+            if s + 1 < run:
                 hidden = self.step_fn(token[owner], lengths, core.cache).clone()  # (m, H); clone: graphs reuse
                 lengths += 1
             if on_step is not None:
                 on_step(s + 1, steps)
-        e.passes = steps
-        tokens = out.T.cpu().numpy()  # the one read-back
+        e.passes = run
+        tokens = out[:run].T.cpu().numpy()  # the one read-back
         results = []
         for i, r in enumerate(requests):
             row = tokens[i, :r.steps()]
