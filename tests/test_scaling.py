@@ -68,3 +68,55 @@ def test_the_fit_command(tmp_path, capsys):
     assert {"E", "A", "B", "alpha", "beta", "r2", "mape"} <= set(out) and abs(out["alpha"] - TRUE["alpha"]) < 0.1
     assert main(["scaling", "fit", str(tmp_path / "none.csv")]) == 2
     assert "no such runs file" in capsys.readouterr().err
+
+
+def fast_fits(monkeypatch):
+    """One L-BFGS start instead of Hoffmann et al.'s 4,500: the plot tests fit in milliseconds."""
+    monkeypatch.setattr(scaling, "GRID", tuple(np.array([x]) for x in (0.5, 0.5, 0.5, 5.0, 5.0)))
+
+
+def runs_csv(path, tasks=("t2i", "i2t")):
+    rows = "".join(f"{t},{n:.0f},{d:.0f},{loss}\n" for i, t in enumerate(tasks) for n, d, loss in synthetic(seed=i))
+    path.write_text("task,params,tokens,loss\n" + rows)
+    return path
+
+
+def test_the_plot_draws_each_task_with_its_held_out_runs(tmp_path, monkeypatch):
+    pytest.importorskip("scipy")
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    fast_fits(monkeypatch)
+    runs = runs_csv(tmp_path / "runs.csv")
+    out = scaling.plot_runs(runs, tmp_path / "fig.png", holdout=2)
+    assert out == tmp_path / "fig.png"
+    with Image.open(out) as im:
+        assert im.format == "PNG" and 1000 <= im.width <= 3000 and 600 <= im.height <= 3000  # two rows
+        assert len(set(im.convert("RGB").resize((64, 64)).getdata())) > 10  # not blank
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.png", "runs.csv"]  # no temporary left
+    # given fits are drawn as they are (no refit); one task is one row
+    given = {"t2i": scaling.Fit(TRUE["e"], TRUE["a"], TRUE["b"], TRUE["alpha"], TRUE["beta"], 1.0, 0.0, 20)}
+    monkeypatch.setattr(scaling, "fit", lambda *a, **k: pytest.fail("refitted a given fit"))
+    svg = scaling.plot_runs(runs, tmp_path / "one.svg", task="t2i", fits=given)
+    assert svg.read_text().lstrip().startswith("<?xml") and "alpha = 0.340" in svg.read_text()
+
+
+def test_the_plot_command_and_bad_outputs(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("scipy")
+    pytest.importorskip("matplotlib")
+    import sys
+
+    from emu3.cli import main
+
+    fast_fits(monkeypatch)
+    runs = runs_csv(tmp_path / "runs.csv", tasks=("t2i",))
+    assert main(["scaling", "plot", str(runs), "-o", str(tmp_path / "fig.png"), "--holdout", "2"]) == 0
+    assert f"wrote {tmp_path / 'fig.png'}" in capsys.readouterr().out
+    assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(InputError, match=r"\.png, \.pdf, \.svg"):
+        scaling.plot_runs(runs, tmp_path / "fig.jpg")
+    assert main(["scaling", "plot", str(runs), "-o", str(tmp_path / "fig.txt")]) == 2
+    assert ".png, .pdf, .svg" in capsys.readouterr().err and not (tmp_path / "fig.txt").exists()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    with pytest.raises(InputError, match=r'pip install "emu3\[plot\]"'):
+        scaling.plot_runs(runs, tmp_path / "fig.png")

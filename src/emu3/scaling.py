@@ -8,7 +8,8 @@ keeping the best; no rounding of what it finds. Confidence intervals come from r
 resamples of the points (from the best start). N is the model's non-embedding parameters, D its training
 tokens (the columns `params` and `tokens` of a runs CSV: `task,params,tokens,loss`).
 
-scipy (L-BFGS-B) is the optimiser: `pip install "emu3[science]"`.
+scipy (L-BFGS-B) is the optimiser: `pip install "emu3[science]"`; `emu3 scaling plot` (`plot_runs`) draws the
+runs against the fitted law with matplotlib: `pip install "emu3[plot]"`.
 """
 
 from __future__ import annotations
@@ -110,13 +111,18 @@ def _minimize(points: np.ndarray, starts, delta: float) -> tuple[np.ndarray, flo
     except ImportError as e:
         raise InputError('fitting scaling laws needs scipy: pip install "emu3[science]"') from e
 
+    from threadpoolctl import threadpool_limits
+
     log_n, log_d, log_l = np.log(points[:, 0]), np.log(points[:, 1]), np.log(points[:, 2])
     best, best_loss = None, math.inf
-    for start in starts:
-        res = minimize(_objective, np.asarray(start, float), args=(log_n, log_d, log_l, delta), jac=True,
-                       method="L-BFGS-B")
-        if res.fun < best_loss:
-            best, best_loss = res.x, res.fun
+    # one BLAS thread: L-BFGS-B's vectors have 5 entries, and threaded BLAS beside a busy core spins (a fit of
+    # 20 points took 215-281 s instead of 10 s beside a training process)
+    with threadpool_limits(1):
+        for start in starts:
+            res = minimize(_objective, np.asarray(start, float), args=(log_n, log_d, log_l, delta), jac=True,
+                           method="L-BFGS-B")
+            if res.fun < best_loss:
+                best, best_loss = res.x, res.fun
     return best, best_loss
 
 
@@ -163,3 +169,96 @@ def fit_runs(path: str | os.PathLike, task: str | None = None, holdout: int = 0,
             raise InputError(f"{path}: no runs of task {task!r}; it has {', '.join(sorted(runs))}")
         runs = {task: runs[task]}
     return {t: fit(p, holdout, bootstrap, seed) for t, p in sorted(runs.items())}
+
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def _short(x: float) -> str:
+    """1.5e9 -> '1.5B': legend labels for sizes and token budgets."""
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if x >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def plot_runs(path: str | os.PathLike, out: str | os.PathLike, task: str | None = None, holdout: int = 0,
+              fits: dict[str, Fit] | None = None) -> Path:
+    """Draw the runs of a runs CSV with the fitted laws (`emu3 scaling plot`): per task a row of loss against
+    tokens (a colour per size), loss against size (a colour per token budget) and predicted against observed
+    loss (the `holdout` largest runs by params x tokens marked as held out). `fits` (task -> Fit) are used
+    where given, else each task is fitted without bootstrap. Written atomically as .png, .pdf or .svg."""
+    from .fsutil import atomic_file
+
+    out = Path(out)
+    if out.suffix.lower() not in PLOT_SUFFIXES:
+        raise InputError(f"{out}: a plot is written as {', '.join(PLOT_SUFFIXES)}")
+    try:
+        from matplotlib import colormaps
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import FormatStrFormatter
+    except ImportError as e:
+        raise InputError('plotting needs matplotlib: pip install "emu3[plot]"') from e
+
+    runs = read_runs(path)
+    if task is not None:
+        if task not in runs:
+            raise InputError(f"{path}: no runs of task {task!r}; it has {', '.join(sorted(runs))}")
+        runs = {task: runs[task]}
+    fits = dict(fits or {})
+    for t, points in runs.items():
+        if t not in fits:
+            fits[t] = fit(points, holdout, bootstrap=0)
+
+    fig = Figure(figsize=(16, 4.6 * len(runs)), layout="constrained")
+    FigureCanvasAgg(fig)  # the Agg canvas, without pyplot's global state
+    axes = fig.subplots(len(runs), 3, squeeze=False)
+    for row, (t, points) in zip(axes, sorted(runs.items())):
+        f = fits[t]
+        n, d, loss = points.T
+        held = np.zeros(len(points), bool)
+        if holdout:  # as `fit` holds them out: the largest by params x tokens
+            held[np.argsort(n * d, kind="stable")[len(points) - holdout:]] = True
+        for ax, (x, group, name, other) in zip(row[:2], ((d, n, "N", "tokens D"), (n, d, "D", "parameters N"))):
+            values = np.unique(group)
+            grid = np.geomspace(x.min(), x.max(), 100)
+            for i, v in enumerate(values):
+                c = colormaps["viridis"](i / max(len(values) - 1, 1))
+                sel = group == v
+                ax.scatter(x[sel & ~held], loss[sel & ~held], color=c, s=22, label=f"{name}={_short(v)}")
+                if (sel & held).any():
+                    ax.scatter(x[sel & held], loss[sel & held], color=c, marker="*", s=90, edgecolors="k",
+                               linewidths=0.5)
+                curve = f.predict(v, grid) if name == "N" else f.predict(grid, v)
+                ax.plot(grid, curve, color=c, lw=1)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(other)
+            ax.set_ylabel("loss")
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))  # not 6x10^0 on a span under a decade
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+            ax.legend(fontsize=7, ncol=2 if len(values) > 6 else 1)
+        row[0].set_title(f"{t}: loss vs tokens D", fontsize=10)
+        row[1].set_title(f"{t}: loss vs size N; alpha = {f.alpha:.3f}, beta = {f.beta:.3f}", fontsize=10)
+        pred = f.predict(n, d)
+        ax = row[2]
+        lo, hi = min(pred.min(), loss.min()), max(pred.max(), loss.max())
+        ax.plot([lo, hi], [lo, hi], color="0.5", lw=1, ls="--", label="y = x")
+        ax.scatter(loss[~held], pred[~held], s=22, color="C0", label="fitted")
+        if held.any():
+            ax.scatter(loss[held], pred[held], s=90, marker="*", color="C3", edgecolors="k", linewidths=0.5,
+                       label=f"held out ({held.sum()})")
+            for x, y, nn, dd in zip(loss[held], pred[held], n[held], d[held]):
+                ax.annotate(f"N={_short(nn)}, D={_short(dd)}", (x, y), xytext=(6, -3), textcoords="offset points",
+                            fontsize=7)
+        ax.set_xlabel("observed loss")
+        ax.set_ylabel("predicted loss")
+        ax.legend(fontsize=7)
+        title = f"{t}: $R^2$ = {f.r2:.4f}, MAPE = {f.mape:.2%}"
+        if f.holdout_mape is not None:
+            title += f", held-out MAPE = {f.holdout_mape:.2%}"
+        ax.set_title(title, fontsize=10)
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, format=out.suffix[1:].lower(), dpi=100)
+    return out
