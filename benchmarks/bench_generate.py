@@ -25,7 +25,7 @@ the blocks and the 32,768-id visual head), printed beside the measured one.
 Also prints the KV-cache bytes per token and the memory of one 720x720 image with CFG for the
 released 8B configuration (computed), checked against the cache actually allocated in the small run.
 
-    python benchmarks/bench_generate.py              # about 15 minutes on 2 CPU cores
+    python benchmarks/bench_generate.py --shapes 8b  # about 20 minutes on 2 CPU cores
     python benchmarks/bench_generate.py --shapes head-heavy --grid 32 --batches 1 8   # the earlier table
 """
 
@@ -94,22 +94,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--grid", type=int, default=12, help="h = w of the generated code grid")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--decoding", nargs="+", default=["plain", "jacobi"], choices=["plain", "jacobi"],
+                    help="emu3's decodings, each timed in the same run as the official recipe")
+    ap.add_argument("--window", type=int, default=8, help="Jacobi window")
     args = ap.parse_args()
     import transformers
 
     tok = released_text_tokenizer()
     print(f"# emu3 engine vs transformers {transformers.__version__} generate + official processors; torch "
           f"{torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads")
-    print("| model | batch | official (s) | official images/min | emu3 (s) | emu3 images/min | speed-up "
-          "| bytes-read bound |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | batch | official (s) | official images/min | " + " | ".join(
+        f"emu3 {d} (s, images/min, speed-up, forward passes)" for d in args.decoding) + " | bytes-read bound |")
+    print("|---|---|---|---|" + "---|" * len(args.decoding) + "---|")
     for name in args.shapes:
-        run_shape(name, tok, args.grid, args.batches)
+        run_shape(name, tok, args.grid, args.batches, args.decoding, args.window)
     footnote(tok)
 
 
-def run_shape(name: str, tok, grid: int, batches: list[int]) -> None:
+def run_shape(name: str, tok, grid: int, batches: list[int], decodings: list[str], window: int) -> None:
     from transformers import LogitsProcessorList, PrefixConstrainedLogitsProcessor
     from transformers.generation.logits_process import UnbatchedClassifierFreeGuidanceLogitsProcessor
 
@@ -147,29 +150,37 @@ def run_shape(name: str, tok, grid: int, batches: list[int]) -> None:
                            pad_token_id=v.pad)
         return out[:, n:]
 
-    def ours(batch, sample: bool):
+    engine = Engine(model, v)
+
+    def ours(batch, sample: bool, decoding: str = "plain"):
         s = Sampling(1.0, 2048, 1.0) if sample else Sampling(0.0)
         reqs = [Request(fmt.generation_prompt(p, (h, w)), image_template(v, h, w), negative=negative,
                         cfg_scale=3.0, visual=s, seed=i) for i, p in enumerate(prompts[:batch])]
-        return Engine(model, v).generate(reqs)
+        return engine.generate(reqs, decoding=decoding, window=window)
 
     with torch.no_grad():
-        a, b = official(1, False)[0].tolist(), ours(1, False)[0].tokens.tolist()
+        a = official(1, False)[0].tolist()
         while a and a[-1] == v.pad:  # generate pads a finished row to the batch's length
             a.pop()
-        same = a == b
-        print(f"# {name} greedy check: whole sequences identical = {same} ({len(a)} and {len(b)} tokens)", flush=True)
-        assert same, "greedy tokens differ from the official recipe"
+        for decoding in decodings:
+            b = ours(1, False, decoding)[0].tokens.tolist()
+            same = a == b
+            print(f"# {name} greedy check ({decoding}): whole sequences identical = {same} ({len(a)} and {len(b)} "
+                  "tokens)", flush=True)
+            assert same, f"greedy tokens of {decoding} decoding differ from the official recipe"
         for batch in batches:
             t0 = time.perf_counter()
             official(batch, True)
             t_ref = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            ours(batch, True)
-            t_ours = time.perf_counter() - t0
-            print(f"| {name} | {batch} | {t_ref:.1f} | {60 * batch / t_ref:.1f} | {t_ours:.1f} | "
-                  f"{60 * batch / t_ours:.1f} | {t_ref / t_ours:.2f}x | {official_bytes / our_bytes:.2f}x |",
-                  flush=True)
+            cells = []
+            for decoding in decodings:
+                t0 = time.perf_counter()
+                ours(batch, True, decoding)
+                t_ours = time.perf_counter() - t0
+                cells.append(f"{decoding} {t_ours:.1f} s, {60 * batch / t_ours:.1f}/min, {t_ref / t_ours:.2f}x, "
+                             f"{engine.passes} passes")
+            print(f"| {name} | {batch} | {t_ref:.1f} | {60 * batch / t_ref:.1f} | " + " | ".join(cells)
+                  + f" | {official_bytes / our_bytes:.2f}x |", flush=True)
 
 
 def footnote(tok) -> None:
