@@ -333,3 +333,21 @@ def test_train_export_generate_chat_with_no_extra_flags(dataset_inputs, tmp_path
                  "steps=2", "warmup=1", "seq_len=256", "batch_size=2"]) == 0
     out = capsys.readouterr().out
     assert "resumed from" in out and "already finished" in out and "nan" not in out
+
+
+def test_dpo_recipe_pairs_a_correct_image_with_an_incorrect_one_of_the_same_prompt(tmp_path):
+    """The DPO experiment's preferences (emu3.recipes.dpo): only prompts with both a correct and an incorrect
+    candidate give pairs, the correct one chosen; the dataset is what the DPO loader reads."""
+    from emu3.data.loader import PairLoader
+    from emu3.recipes.dpo import preferences
+
+    rows = [["a red circle", "single_object", True, [1, 2, 3], [10, 11]],
+            ["a red circle", "single_object", False, [1, 2, 3], [12, 13]],
+            ["a red circle", "single_object", False, [1, 2, 3], [14, 15]],
+            ["two squares", "counting", False, [4, 5], [16]],  # no correct image: no pair
+            ["a blue square", "colors", True, [6], [17]]]  # no incorrect image: no pair
+    counts = preferences(rows, tmp_path, {"text_size": 100, "codebook_size": 16})
+    assert counts == {"prompts": 3, "images": 5, "correct": 2, "pairs": 1}
+    loader = PairLoader(str(tmp_path / "preferences"), pad=0, batch_size=1)
+    b = loader.next_batch()
+    assert b.chosen[0].tolist() == [1, 2, 3, 10, 11] and b.rejected[0].tolist() == [1, 2, 3, 12, 13]

@@ -1,0 +1,121 @@
+"""Token orders and vision loss weighting in miniature on the shapes world (the paper's Extended Data
+Table 6: other visual token orders fine-tuned from a raster-pretrained model beat the same orders trained
+from scratch; and the pretraining stages weigh vision tokens 0.5 in the loss).
+
+Runs, each an ordinary resumable training run under OUT/runs/NAME, on the data of a scaling grid (the
+shapes world: `emu3.train.grid.prepare_data`), one model size:
+- raster: from scratch in raster order, `--pretrain` tokens (vision weight 0.5, as in pretraining);
+- raster+: raster continued for `--tune` more tokens (the control: the same extra compute, no new order);
+- ORDER-tuned / ORDER-scratch, for diagonal, block and spiral: from raster's weights, or from scratch, with
+  the same `--tune` tokens in that order;
+- weight-1.0: as raster but with vision tokens weighing 1.0.
+Each is scored by held-out next-token losses (nats per token) in its own order: T2I (the visual codes given
+the caption), I2T, T2V, and for the spiral-in order the inner half of each image given its border (what
+inpainting asks). Writes OUT/results.json and prints a table.
+
+    python -m emu3.recipes.orders OUT [--data GRIDDIR] [--pretrain 1000000] [--tune 250000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..fsutil import atomic_file
+from ..train.grid import TASKS, GridConfig, heldout_loss, prepare_data, task_samples
+
+SIZE = {"hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 5, "num_attention_heads": 6,
+        "num_key_value_heads": 2}
+TUNED = ("diagonal", "block", "spiral")
+
+
+def inner_half(samples: list) -> list:
+    """Count only the second half of each sample's counted positions (spiral-in: the centre given the border)."""
+    out = []
+    for ids, counted in samples:
+        where = np.flatnonzero(counted)
+        keep = np.zeros_like(counted)
+        keep[where[len(where) // 2:]] = True
+        out.append((ids, keep))
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out")
+    ap.add_argument("--data", help="a scaling grid's folder whose data/ to use (default: build it in OUT)")
+    ap.add_argument("--pretrain", type=int, default=1_000_000, help="raster pretraining tokens")
+    ap.add_argument("--tune", type=int, default=250_000, help="tokens of each fine-tuning / scratch run")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    args = ap.parse_args(argv)
+    from ..checkpoint import load_model, save_model
+    from ..format import Formatter
+    from ..model import Emu3LM, model_config
+    from ..tokenizer import TextTokenizer
+    from ..train import state
+    from ..train.config import TrainConfig
+    from ..train.trainer import export, train
+
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    grid = GridConfig(sizes=[SIZE], tokens=[args.pretrain], seq_len=320, batch_size=8)
+    data, held, tok = prepare_data(grid, Path(args.data) if args.data else out, progress=True)
+    text = TextTokenizer.from_pretrained(tok)
+    init = out / "init"
+    if not (init / "config.json").exists():
+        model = Emu3LM(model_config("tiny", text.vocab, max_position_embeddings=1024, **SIZE))
+        model.init_weights(torch.Generator().manual_seed(0))
+        save_model(model, init, tokenizer=text)
+    per_step = grid.seq_len * grid.batch_size
+
+    def run(name: str, start: Path, tokens: int, **kw) -> Path:
+        steps = math.ceil(tokens / per_step)
+        cfg = TrainConfig(model=str(start), data=data, seq_len=grid.seq_len, batch_size=grid.batch_size, steps=steps,
+                          lr=args.lr, min_lr=args.lr / 10, warmup=max(1, steps // 20), caption_after=0.5,
+                          save_every=max(1, steps // 4), keep_last=1, log_every=10, out=str(out / "runs" / name),
+                          text_tokenizer=tok, **kw)
+        train(cfg, progress=False)
+        return out / "runs" / name
+
+    plan = [("raster", init, args.pretrain, {"order": "raster"}),
+            ("weight-1.0", init, args.pretrain, {"order": "raster", "vision_weight": 1.0})]
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+
+    def score(name: str, folder: Path, order: str) -> None:
+        if name in results:
+            return
+        model = load_model(init, dtype=torch.float32)
+        state.load_model_state(state.latest(folder), model)
+        fmt = Formatter(text, order)
+        row = {t: heldout_loss(model, task_samples(t, held[t], fmt, 256), text.vocab.pad) for t in TASKS}
+        if order == "spiral":
+            row["inner"] = heldout_loss(model, inner_half(task_samples("t2i", held["t2i"], fmt, 256)), text.vocab.pad)
+        results[name] = {"order": order, **row}
+        with atomic_file(results_path) as tmp:
+            tmp.write_text(json.dumps(results, indent=2))
+        print(f"{name}: " + " ".join(f"{k}={v:.4f}" for k, v in row.items()), flush=True)
+
+    for name, start, tokens, kw in plan:
+        score(name, run(name, start, tokens, **kw), kw["order"])
+    raster_model = out / "raster-model"
+    if not (raster_model / "config.json").exists():
+        export(out / "runs" / "raster", raster_model)
+    score("raster+", run("raster+", raster_model, args.tune, order="raster"), "raster")
+    for order in TUNED:
+        score(f"{order}-tuned", run(f"{order}-tuned", raster_model, args.tune, order=order), order)
+        score(f"{order}-scratch", run(f"{order}-scratch", init, args.tune, order=order), order)
+    print("| run | order | T2I | I2T | T2V | spiral inner half |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results.items():
+        inner = f"{r['inner']:.4f}" if "inner" in r else "-"
+        print(f"| {name} | {r['order']} | {r['t2i']:.4f} | {r['i2t']:.4f} | {r['t2v']:.4f} | {inner} |")
+
+
+if __name__ == "__main__":
+    main()
