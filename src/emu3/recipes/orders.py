@@ -52,6 +52,7 @@ def main(argv=None) -> None:
     ap.add_argument("--pretrain", type=int, default=1_000_000, help="raster pretraining tokens")
     ap.add_argument("--tune", type=int, default=250_000, help="tokens of each fine-tuning / scratch run")
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--eval-records", type=int, default=256, help="held-out records scored per task")
     args = ap.parse_args(argv)
     from ..checkpoint import load_model, save_model
     from ..format import Formatter
@@ -76,7 +77,8 @@ def main(argv=None) -> None:
     def run(name: str, start: Path, tokens: int, **kw) -> Path:
         steps = math.ceil(tokens / per_step)
         cfg = TrainConfig(model=str(start), data=data, seq_len=grid.seq_len, batch_size=grid.batch_size, steps=steps,
-                          lr=args.lr, min_lr=args.lr / 10, warmup=max(1, steps // 20), caption_after=0.5,
+                          lr=args.lr, min_lr=args.lr / 10, warmup=min(steps - 1, max(1, steps // 20)),
+                          caption_after=0.5,
                           save_every=max(1, steps // 4), keep_last=1, log_every=10, out=str(out / "runs" / name),
                           text_tokenizer=tok, **kw)
         train(cfg, progress=False)
@@ -93,9 +95,10 @@ def main(argv=None) -> None:
         model = load_model(init, dtype=torch.float32)
         state.load_model_state(state.latest(folder), model)
         fmt = Formatter(text, order)
-        row = {t: heldout_loss(model, task_samples(t, held[t], fmt, 256), text.vocab.pad) for t in TASKS}
+        n = args.eval_records
+        row = {t: heldout_loss(model, task_samples(t, held[t], fmt, n), text.vocab.pad) for t in TASKS}
         if order == "spiral":
-            row["inner"] = heldout_loss(model, inner_half(task_samples("t2i", held["t2i"], fmt, 256)), text.vocab.pad)
+            row["inner"] = heldout_loss(model, inner_half(task_samples("t2i", held["t2i"], fmt, n)), text.vocab.pad)
         results[name] = {"order": order, **row}
         with atomic_file(results_path) as tmp:
             tmp.write_text(json.dumps(results, indent=2))
