@@ -30,6 +30,8 @@ import torch
 from .errors import InputError
 from .generate import TEXT, Decoder, Engine, Request, Result, sample
 
+BUCKET = 256  # compiled loops allocate cache lengths in multiples of this
+
 
 def eligible(requests: list[Request]) -> str | None:
     """Why the requests cannot run in the static loop, or None when they can."""
@@ -60,7 +62,8 @@ def choose_visual(model, hidden: torch.Tensor, want: torch.Tensor, cond: torch.T
 class StaticLoop:
     """Runs batches of template requests on an engine's model with static shapes (see the module's text).
     `compile=True` compiles the decode step and the choice (CUDA graphs on CUDA); compiled code is kept
-    for the next batch of the same rows and cache length."""
+    for the next batch of the same rows and cache length (lengths are rounded up to multiples of BUCKET, so
+    prompts of other lengths reuse it; another number of rows compiles again)."""
 
     def __init__(self, engine: Engine, compile: bool = False):
         self.engine = engine
@@ -68,6 +71,7 @@ class StaticLoop:
         self.step_fn = model.decode_step
         self.choose_fn = choose_visual
         self.compile = compile
+        self.cache = None  # ((rows, length), KVCache) kept for CUDA graphs
         if compile:
             mode = "reduce-overhead" if engine.device.type == "cuda" else None
             self.step_fn = torch.compile(model.decode_step, fullgraph=True, dynamic=False, mode=mode)
@@ -85,11 +89,21 @@ class StaticLoop:
             raise InputError(why)
         need = e.check(requests)
         n, dev = len(requests), e.device
-        core = Decoder(e, sum(r.rows() for r in requests), need)
-        core.add(requests)  # the eager prefill
+        rows = sum(r.rows() for r in requests)
+        if self.compile:  # cache lengths in buckets, so that prompts of other lengths reuse the compiled step
+            need = -(-need // BUCKET) * BUCKET
+        core = Decoder(e, rows, need)
         if self.compile and dev.type == "cuda":
-            torch._dynamo.mark_static_address(core.cache.k)
-            torch._dynamo.mark_static_address(core.cache.v)
+            # CUDA graphs replay on fixed addresses: one cache per shape, kept and reused (stale columns past a
+            # row's length are masked), marked static so that replays write into it
+            key = (rows, need)
+            if self.cache is None or self.cache[0] != key:
+                self.cache = None  # free the old one first
+                torch._dynamo.mark_static_address(core.cache.k)
+                torch._dynamo.mark_static_address(core.cache.v)
+                self.cache = (key, core.cache)
+            core.cache = self.cache[1]
+        core.add(requests)  # the eager prefill
 
         # what every step does, from the templates (host side, before the loop)
         steps = max(r.steps() for r in requests)
