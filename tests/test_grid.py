@@ -18,12 +18,12 @@ from emu3.train import grid
 
 SIZES = [dict(hidden_size=16, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1),
          dict(hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)]
-PER_STEP = 320 * 2
+PER_STEP = 384 * 2
 
 
 def write_grid(path, tokens, **extra):
     cfg = dict(sizes=SIZES, tokens=tokens, world={"images": 48, "videos": 6}, heldout_world={"images": 12, "videos": 4},
-               eval_records=8, seq_len=320, batch_size=2, **extra)
+               eval_records=8, seq_len=384, batch_size=2, **extra)
     path.write_text(json.dumps(cfg))
     return path
 
@@ -102,13 +102,23 @@ def test_cells_are_claimed_once_and_a_dead_claim_is_taken_over(tmp_path):
     ({"steps": 3}, "unknown key(s) steps"),
 ])
 def test_grid_files_with_mistakes_are_named(tmp_path, change, message):
-    cfg = {"sizes": SIZES, "tokens": [PER_STEP], "seq_len": 320, "batch_size": 2, **change}
+    cfg = {"sizes": SIZES, "tokens": [PER_STEP], "seq_len": 384, "batch_size": 2, **change}
     (tmp_path / "g.json").write_text(json.dumps(cfg))
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
         grid.GridConfig.from_json(tmp_path / "g.json")
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(InputError, match="not JSON"):
         grid.GridConfig.from_json(tmp_path / "bad.json")
+
+
+def test_a_task_whose_samples_do_not_fit_a_row_is_refused(tmp_path):
+    """The loader skips documents longer than a row: with rows of 320 the shapes world's clips (about 334
+    tokens) would never be trained, yet scored."""
+    g = write_grid(tmp_path / "grid.json", [PER_STEP])
+    cfg = json.loads(g.read_text())
+    g.write_text(json.dumps({**cfg, "seq_len": 320}))
+    with pytest.raises(InputError, match=r"t2v samples are up to \d+ tokens, longer than seq_len 320"):
+        grid.run_grid(g, tmp_path / "out", progress=False)
 
 
 def test_a_folder_keeps_the_settings_it_was_trained_with(tmp_path):

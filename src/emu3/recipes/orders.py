@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..fsutil import atomic_file
-from ..train.grid import TASKS, GridConfig, heldout_loss, prepare_data, task_samples
+from ..train.grid import TASKS, GridConfig, check_lengths, heldout_loss, prepare_data, task_samples
 
 SIZE = {"hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 5, "num_attention_heads": 6,
         "num_key_value_heads": 2}
@@ -64,8 +64,9 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(1)
     out = Path(args.out)
-    grid = GridConfig(sizes=[SIZE], tokens=[args.pretrain], seq_len=320, batch_size=8)
+    grid = GridConfig(sizes=[SIZE], tokens=[args.pretrain], seq_len=384, batch_size=8)
     data, held, tok = prepare_data(grid, Path(args.data) if args.data else out, progress=True)
+    check_lengths(grid, held, tok)
     text = TextTokenizer.from_pretrained(tok)
     init = out / "init"
     if not (init / "config.json").exists():

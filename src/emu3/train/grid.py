@@ -219,6 +219,21 @@ def heldout_loss(model, samples: list, pad: int, batch: int = 16) -> float:
     return total / count
 
 
+def check_lengths(cfg: GridConfig, held: dict[str, str], tok: str) -> None:
+    """Every held-out sample must fit a training row: the loader skips documents longer than seq_len, so a
+    task whose samples do not fit would be scored without ever being trained (a first grid here trained on
+    no video at all: its clips were 334 tokens, its rows 320)."""
+    from ..format import Formatter
+    from ..tokenizer import TextTokenizer
+
+    fmt = Formatter(TextTokenizer.from_pretrained(tok), "raster")
+    for task, folder in held.items():
+        longest = max(len(ids) for ids, _ in task_samples(task, folder, fmt, cfg.eval_records))
+        if longest > cfg.seq_len:
+            raise InputError(f"{task} samples are up to {longest} tokens, longer than seq_len {cfg.seq_len}: "
+                             f"training skips such documents, so {task} would never be trained; raise seq_len")
+
+
 # ---- running ----
 
 def _claim(folder: Path) -> bool:
@@ -332,6 +347,7 @@ def run_grid(grid: str | os.PathLike, out: str | os.PathLike, progress: bool = T
     with atomic_file(saved) as tmp:
         tmp.write_text(json.dumps(asdict(cfg), indent=2))
     data, held, tok = prepare_data(cfg, out, progress)
+    check_lengths(cfg, held, tok)
     done = skipped = trained = 0
     for cell in cells(cfg):
         folder = out / "cells" / cell.name
