@@ -387,3 +387,18 @@ def test_static_loop_refuses_free_text(lm, fmt):
     with pytest.raises(InputError, match="free text"):
         Engine(lm).generate([chat], static=True)
     assert len(Engine(lm).generate([chat])[0].tokens)  # the default on a CPU: the general core
+
+
+def test_top_k_filters_each_row_whatever_the_other_rows_ask():
+    """Rows that keep their top k beside rows that do not filter (a Jacobi window mixes visual steps, top-k
+    16, with forced ones, top-k off): each row keeps its own k, computed or given by the caller."""
+    from emu3.generate import filtered
+
+    scores = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    temperature = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    top_k = torch.tensor([4, 7, 0, 50])  # 0 and 50 (the whole vocabulary): no filtering
+    top_p = torch.ones(4)
+    for kw in ({}, {"k_max": 7, "nucleus": False}):
+        kept = (filtered(scores, temperature, top_k, top_p, **kw) > -math.inf).sum(1).tolist()
+        assert kept == [4, 7, 50, 50], kw
+    assert (filtered(scores, temperature, torch.zeros(4, dtype=torch.long), top_p) > -math.inf).all()

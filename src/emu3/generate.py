@@ -142,18 +142,19 @@ def gumbel_noise(seeds: torch.Tensor, step: int | torch.Tensor, token_ids: torch
 def filtered(scores: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
              top_p: torch.Tensor, k_max: int | None = None, nucleus: bool | None = None) -> torch.Tensor:
     """The scores sampling draws from (R, V): scaled by temperature (greedy rows unscaled), then top-k and
-    top-p applied (-inf = excluded), in transformers' order. `k_max` (the largest effective k, V when no
-    row filters) and `nucleus` (some row has top_p < 1), when the caller knows them, spare reading them
-    back from the device (a decode loop without host synchronisation)."""
+    top-p applied (-inf = excluded), in transformers' order. `k_max` (the largest k among the rows that
+    filter by top-k, 0 when none does) and `nucleus` (some row has top_p < 1), when the caller knows them,
+    spare reading them back from the device (a decode loop without host synchronisation)."""
     greedy = temperature <= 0
     scaled = scores / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
     v = scores.shape[1]
-    k = torch.where((top_k <= 0) | (top_k >= v), torch.full_like(top_k, v), top_k)
+    filters = (top_k > 0) & (top_k < v)  # (R,) rows that keep their top k
     if k_max is None:
-        k_max = int(k.max()) if bool((k < v).any()) else v
-    if k_max < v:
+        k_max = int(torch.where(filters, top_k, 0).max())
+    if k_max:
+        k = torch.where(filters, top_k, k_max).clamp(max=k_max)  # rows that do not filter: any index, unused
         kth = torch.topk(scaled, k_max, dim=1).values.gather(1, (k - 1)[:, None])  # (R, 1)
-        scaled = scaled.masked_fill(scaled < kth, -math.inf)
+        scaled = scaled.masked_fill((scaled < kth) & filters[:, None], -math.inf)
     if nucleus if nucleus is not None else bool((top_p < 1).any()):
         sorted_scores, order = torch.sort(scaled, dim=1, descending=True)
         probs = torch.softmax(sorted_scores, dim=1)

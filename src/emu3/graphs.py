@@ -113,8 +113,8 @@ class StaticLoop:
         forced = (want >= 0).all(0)  # (steps,) no row samples: skip the head
         want_dev = torch.as_tensor(want.T.copy(), device=dev)  # (steps, n)
         c = v.codebook_size
-        ks = [r.visual.top_k if 0 < r.visual.top_k < c else c for r in requests]
-        k_max, nucleus = max(ks), any(r.visual.top_p < 1 for r in requests)
+        k_max = max(r.visual.top_k if 0 < r.visual.top_k < c else 0 for r in requests)  # 0: no row filters
+        nucleus = any(r.visual.top_p < 1 for r in requests)
 
         owner = torch.tensor([i for i, rows in enumerate(core.rows) for _ in rows], device=dev)  # row -> request
         cond = torch.tensor([rows[0] for rows in core.rows], device=dev)
