@@ -368,7 +368,9 @@ class Decoder:
     `max_images` opens an image when it emits BOI: its template gets the image's header and grid from
     the next step on (`Request.image_header`, `image_grid`), then it is back in free text."""
 
-    def __init__(self, engine: Engine, max_rows: int, max_len: int, decoding: str = "plain", window: int = 16):
+    def __init__(self, engine: Engine, max_rows: int, max_len: int, decoding: str = "plain", window: int = 16,
+                 cache: KVCache | None = None):
+        """`cache`: one to reuse (at least max_rows x max_len; the static loop keeps one for CUDA graphs)."""
         e, cfg, dev = engine, engine.model.config, engine.device
         if decoding not in ("plain", "jacobi"):
             raise InputError(f"decoding must be 'plain' or 'jacobi', got {decoding!r}")
@@ -383,7 +385,7 @@ class Decoder:
         self.passes = torch.zeros(0, dtype=torch.long, device=dev)
         self.drafts = torch.zeros((0, window), dtype=torch.long, device=dev)
         self.proposal = torch.zeros((0, window, c), device=dev)
-        self.cache = KVCache(cfg, max_rows, max_len, dev, e.dtype)
+        self.cache = cache if cache is not None else KVCache(cfg, max_rows, max_len, dev, e.dtype)
         self.lengths = torch.zeros(max_rows, dtype=torch.long, device=dev)  # filled columns per row
         self.hidden = torch.zeros(max_rows, cfg.hidden_size, dtype=e.dtype, device=dev)
         self.requests: list[Request] = []

@@ -29,6 +29,7 @@ import torch
 
 from .errors import InputError
 from .generate import TEXT, Decoder, Engine, Request, Result, sample
+from .model import KVCache
 
 BUCKET = 256  # compiled loops allocate cache lengths in multiples of this
 
@@ -92,17 +93,19 @@ class StaticLoop:
         rows = sum(r.rows() for r in requests)
         if self.compile:  # cache lengths in buckets, so that prompts of other lengths reuse the compiled step
             need = -(-need // BUCKET) * BUCKET
-        core = Decoder(e, rows, need)
+        cache = None
         if self.compile and dev.type == "cuda":
             # CUDA graphs replay on fixed addresses: one cache per shape, kept and reused (stale columns past a
             # row's length are masked), marked static so that replays write into it
             key = (rows, need)
             if self.cache is None or self.cache[0] != key:
                 self.cache = None  # free the old one first
-                torch._dynamo.mark_static_address(core.cache.k)
-                torch._dynamo.mark_static_address(core.cache.v)
-                self.cache = (key, core.cache)
-            core.cache = self.cache[1]
+                fresh = KVCache(e.model.config, rows, need, dev, e.dtype)
+                torch._dynamo.mark_static_address(fresh.k)
+                torch._dynamo.mark_static_address(fresh.v)
+                self.cache = (key, fresh)
+            cache = self.cache[1]
+        core = Decoder(e, rows, need, cache=cache)
         core.add(requests)  # the eager prefill
 
         # what every step does, from the templates (host side, before the loop)
