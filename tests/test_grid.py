@@ -48,6 +48,8 @@ def test_a_grid_trains_every_cell_and_writes_runs_csv(tmp_path, capsys):
     assert params[0] == d * d + 2 * d * kv + d * d + 3 * d * ff + 2 * d + d
     for r in rows:  # an untrained model scores about ln(vocabulary); these learnt a little, nothing is absurd
         assert 0 < float(r["loss"]) < 9
+    # the models draw images of the data's size (8x8 codes of 8x8 pixels), not the released 720x720
+    assert json.loads((tmp_path / "out" / "init" / "s0" / "config.json").read_text())["image_area"] == 64 * 64
     # a finished grid trains nothing again, and the fit reads what it wrote
     assert main(["scaling", "run", str(g), "-o", str(tmp_path / "out"), "--quiet"]) == 0
     assert read_csv(tmp_path / "out" / "runs.csv") == rows

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..fsutil import atomic_file
-from ..train.grid import TASKS, GridConfig, check_lengths, heldout_loss, prepare_data, task_samples
+from ..train.grid import TASKS, GridConfig, check_lengths, data_image_area, heldout_loss, prepare_data, task_samples
 
 SIZE = {"hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 5, "num_attention_heads": 6,
         "num_key_value_heads": 2}
@@ -70,7 +70,9 @@ def main(argv=None) -> None:
     text = TextTokenizer.from_pretrained(tok)
     init = out / "init"
     if not (init / "config.json").exists():
-        model = Emu3LM(model_config("tiny", text.vocab, max_position_embeddings=1024, **SIZE))
+        area = data_image_area(data)
+        model = Emu3LM(model_config("tiny", text.vocab, max_position_embeddings=1024,
+                                    **({"image_area": area} if area else {}), **SIZE))
         model.init_weights(torch.Generator().manual_seed(0))
         save_model(model, init, tokenizer=text)
     per_step = grid.seq_len * grid.batch_size

@@ -219,6 +219,18 @@ def heldout_loss(model, samples: list, pad: int, batch: int = 16) -> float:
     return total / count
 
 
+def data_image_area(data: list[str]) -> int | None:
+    """The generation area (pixels) of the datasets' most common image grid, so that a model trained on them
+    draws images of their size (None when they hold none)."""
+    from .config import TrainConfig
+    from .trainer import data_info
+
+    info = data_info(TrainConfig(data=data))
+    if info.grid and info.spatial_factor:
+        return info.grid[0] * info.grid[1] * info.spatial_factor ** 2
+    return None
+
+
 def check_lengths(cfg: GridConfig, held: dict[str, str], tok: str) -> None:
     """Every held-out sample must fit a training row: the loader skips documents longer than seq_len, so a
     task whose samples do not fit would be scored without ever being trained (a first grid here trained on
@@ -301,8 +313,9 @@ def run_cell(cfg: GridConfig, cell: Cell, out: Path, data: list[str], held: dict
     text = TextTokenizer.from_pretrained(tok)
     init = out / "init" / f"s{cell.size}"
     if not (init / "config.json").exists():  # one initialisation per size, shared by its cells
+        area = data_image_area(data)
         model = Emu3LM(model_config("tiny", text.vocab, max_position_embeddings=max(cfg.seq_len, 1024),
-                                    **cfg.sizes[cell.size]))
+                                    **({"image_area": area} if area else {}), **cfg.sizes[cell.size]))
         model.init_weights(torch.Generator().manual_seed(cfg.seed))
         save_model(model, init, tokenizer=text)
     per_step = cfg.seq_len * cfg.batch_size

@@ -127,7 +127,8 @@ def data_info(cfg: TrainConfig) -> DataInfo:
         ds = TokenDataset(path)
         if ds.index.get("vision_tokenizer"):
             visions.add(ds.index["vision_tokenizer"])
-            factors.add(ds.index.get("spatial_factor"))
+        if ds.index.get("spatial_factor"):
+            factors.add(ds.index["spatial_factor"])
         for i, shard in enumerate(ds.shards):
             counts = shard.get("grids")
             if counts is None:  # tokenized before the index counted grids

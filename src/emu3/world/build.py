@@ -62,13 +62,13 @@ def corpus(seed: int = 0, n: int = 4000) -> list[str]:
     return texts
 
 
-def _write(out: Path, records: list[Record], vocab: dict, shard_size: int = 4096) -> None:
+def _write(out: Path, records: list[Record], vocab: dict, shard_size: int = 4096, extra: dict | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     shards = []
     for s, start in enumerate(range(0, len(records), shard_size)):
         chunk = records[start:start + shard_size]
         shards.append({**write_shard(out, s, chunk), "inputs": len(chunk), "skipped": {}})
-    write_index(out, {"format": FORMAT, "version": VERSION, "vocab": vocab, "shards": shards})
+    write_index(out, {"format": FORMAT, "version": VERSION, "vocab": vocab, **(extra or {}), "shards": shards})
 
 
 def build(out: str | os.PathLike, vision, text, counts: dict[str, int], seed: int = 0, batch: int = 256,
@@ -125,7 +125,8 @@ def build(out: str | os.PathLike, vision, text, counts: dict[str, int], seed: in
                     records.append(Record("interleaved", fields, {"segments": ["text", "image"] * len(steps)}))
             if bar is not None:
                 bar.update(len(items))
-        _write(out / kind, records, vocab)
+        # the spatial factor tells a model trained on these images the size to draw (emu3.train.trainer.data_info)
+        _write(out / kind, records, vocab, extra={"spatial_factor": vision.model.config.spatial_factor})
         done[kind] = len(records)
     if bar is not None:
         bar.close()
