@@ -53,31 +53,6 @@ def random_model(cfg, dev: torch.device, dtype: torch.dtype) -> Emu3LM:
     return model.eval()
 
 
-def official_model(model: Emu3LM, dtype: torch.dtype):
-    """LlamaForCausalLM sharing our model's tensors (no second copy of the weights)."""
-    import transformers
-
-    c = model.config
-    hf = transformers.LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, pad_token_id=c.pad_token_id,
-        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, tie_word_embeddings=False)
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            ref = transformers.LlamaForCausalLM(hf)
-    finally:
-        torch.set_default_dtype(before)
-    ref.load_state_dict(model.state_dict(), strict=True, assign=True)
-    dev = next(model.parameters()).device
-    with torch.device(dev):  # the rotary buffers are not in the state dict: make them anew on the device, in fp32
-        ref.model.rotary_emb = type(ref.model.rotary_emb)(ref.model.rotary_emb.config)
-    return ref.eval()
-
-
 def prompts(v: Vocabulary, batch: int, grid: int, rng: np.random.Generator):
     """Prompt ids of a real prompt's length: BOS, 24 text ids, BOI, a 4-id size header, IMG (random text ids:
     the speed does not depend on which); the negative prompt is the header alone."""
@@ -220,9 +195,9 @@ def official(model, dtype, v, req, grid, short, dev, row, prompt) -> None:
     from transformers import LogitsProcessorList, PrefixConstrainedLogitsProcessor
     from transformers.generation.logits_process import UnbatchedClassifierFreeGuidanceLogitsProcessor
 
-    from emu3.reference import official_prefix_fn
+    from emu3.reference import llama, official_prefix_fn
 
-    ref = official_model(model, dtype)
+    ref = llama(model, share=True)  # our tensors, no second copy of the weights
     ids = torch.as_tensor(req.prompt, device=dev)[None]
     neg = torch.as_tensor(req.negative, device=dev)[None]
 

@@ -13,19 +13,30 @@ from .tokenizer import Vocabulary
 from .vq import VisionVQ
 
 
-def llama(model: Emu3LM):
-    """transformers' LlamaForCausalLM holding the same weights (Emu3's decoder is Llama), in eval mode."""
+def llama(model: Emu3LM, share: bool = False):
+    """transformers' LlamaForCausalLM holding the same weights (Emu3's decoder is Llama), in eval mode.
+    share=True: built without weights of its own and given our model's tensors (no second copy: an 8B on one
+    card), its rotary tables made anew on the model's device."""
     import transformers
 
     c = model.config
-    ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+    hf = transformers.LlamaConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
         num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
         rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, pad_token_id=c.pad_token_id,
-        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, tie_word_embeddings=False))
-    ref.load_state_dict(model.state_dict(), strict=True)
-    return ref.eval().to(next(model.parameters()).device)
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, tie_word_embeddings=False)
+    device = next(model.parameters()).device
+    if not share:
+        ref = transformers.LlamaForCausalLM(hf)
+        ref.load_state_dict(model.state_dict(), strict=True)
+        return ref.eval().to(device)
+    with torch.device("meta"):
+        ref = transformers.LlamaForCausalLM(hf)
+    ref.load_state_dict(model.state_dict(), strict=True, assign=True)
+    with torch.device(device):  # not in the state dict: the rotary buffers, in fp32
+        ref.model.rotary_emb = type(ref.model.rotary_emb)(ref.model.rotary_emb.config)
+    return ref.eval()
 
 
 def emu3_vqvae(vq: VisionVQ):
