@@ -50,6 +50,14 @@ def test_a_grid_trains_every_cell_and_writes_runs_csv(tmp_path, capsys):
         assert 0 < float(r["loss"]) < 9
     # the models draw images of the data's size (8x8 codes of 8x8 pixels), not the released 720x720
     assert json.loads((tmp_path / "out" / "init" / "s0" / "config.json").read_text())["image_area"] == 64 * 64
+    # and a cell exported as a model prompts with its data's bare captions, not the released decoration and
+    # negative prompt it never read
+    from emu3.pipeline import Defaults
+    from emu3.train.trainer import export
+
+    export(tmp_path / "out" / "cells" / f"s0-d{PER_STEP * 2}" / "run", tmp_path / "model")
+    d = Defaults.load(tmp_path / "model")
+    assert (d.positive_suffix, d.negative_prompt, d.order) == ("", "", "raster")
     # a finished grid trains nothing again, and the fit reads what it wrote
     assert main(["scaling", "run", str(g), "-o", str(tmp_path / "out"), "--quiet"]) == 0
     assert read_csv(tmp_path / "out" / "runs.csv") == rows

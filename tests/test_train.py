@@ -351,3 +351,9 @@ def test_dpo_recipe_pairs_a_correct_image_with_an_incorrect_one_of_the_same_prom
     loader = PairLoader(str(tmp_path / "preferences"), pad=0, batch_size=1)
     b = loader.next_batch()
     assert b.chosen[0].tolist() == [1, 2, 3, 10, 11] and b.rejected[0].tolist() == [1, 2, 3, 12, 13]
+    # more pairs per prompt: disjoint pairs, as many as the scarcer side allows
+    rows.insert(1, ["a red circle", "single_object", True, [1, 2, 3], [18]])
+    counts = preferences(rows, tmp_path / "more", {"text_size": 100, "codebook_size": 16}, pairs_per_prompt=4)
+    assert counts["pairs"] == 2
+    b = PairLoader(str(tmp_path / "more" / "preferences"), pad=0, batch_size=2).next_batch()
+    assert sorted(b.chosen[:, 3].tolist()) == [10, 18] and sorted(b.rejected[:, 3].tolist()) == [12, 14]

@@ -12,7 +12,12 @@ that DPO on a model's own generations improves alignment), in four resumable ste
 4. scores: the exact generation score before and after on evaluation seeds, one figure per seed set (their
    spread is what sampling and prompts alone move).
 
-    python -m emu3.recipes.dpo OUT [--prompts 64] [--candidates 8] [--split selection|report] [--train lr=1e-4]
+`--cfg` samples candidates and scores at another guidance scale than the model's default (1: unguided, the
+conditional distribution DPO trains directly; a weaker sampler with more failures to learn from);
+`--pairs-per-prompt` takes up to that many disjoint correct/incorrect pairs of a prompt (the paper: one).
+
+    python -m emu3.recipes.dpo OUT [--prompts 64] [--candidates 8] [--split selection|report] [--cfg 1]
+        [--pairs-per-prompt 4] [--train lr=1e-4]
 """
 
 from __future__ import annotations
@@ -33,15 +38,24 @@ TRAIN_PROMPT_SEED = 7  # geneval_prompts(seed): the evaluation splits use 10,000
 SPLITS = {"selection": (10_000, 10_500, 11_000), "report": (110_000, 110_500, 111_000)}
 
 
-def candidates(model: str | None, out: Path, n_per_category: int, k: int, seed: int = TRAIN_PROMPT_SEED) -> list:
-    """[(prompt, category, ok, request prompt ids, generated ids)] for K images of each prompt (cached in
-    OUT/candidates.json)."""
+def load(model: str | None, cfg: float | None):
+    """The pipeline, at guidance scale `cfg` (None: the model's default)."""
     from ..pipeline import Emu3
 
+    emu = Emu3.from_pretrained(model)
+    if cfg is not None:
+        emu.defaults.cfg_scale = cfg
+    return emu
+
+
+def candidates(model: str | None, out: Path, n_per_category: int, k: int, seed: int = TRAIN_PROMPT_SEED,
+               cfg: float | None = None) -> list:
+    """[(prompt, category, ok, request prompt ids, generated ids)] for K images of each prompt (cached in
+    OUT/candidates.json)."""
     path = out / "candidates.json"
     if path.exists():
         return json.loads(path.read_text())
-    emu = Emu3.from_pretrained(model)
+    emu = load(model, cfg)
     prompts = bench.geneval_prompts(n_per_category, seed)
     rows = []
     for start in range(0, len(prompts), 16):
@@ -77,10 +91,8 @@ def preferences(rows: list, out: Path, vocab: dict, pairs_per_prompt: int = 1) -
     return {"prompts": len(by_prompt), "images": len(rows), "correct": sum(r[2] for r in rows), "pairs": len(records)}
 
 
-def scores(model: str | None, seeds, n_per_category: int) -> list[float]:
-    from ..pipeline import Emu3
-
-    emu = Emu3.from_pretrained(model)
+def scores(model: str | None, seeds, n_per_category: int, cfg: float | None = None) -> list[float]:
+    emu = load(model, cfg)
     return [bench.eval_generation(emu, n_per_category, s)["overall"] for s in seeds]
 
 
@@ -93,6 +105,9 @@ def main(argv=None) -> None:
     ap.add_argument("--epochs", type=float, default=2.0, help="passes over the preference pairs")
     ap.add_argument("--split", choices=list(SPLITS), default="selection")
     ap.add_argument("--eval-prompts", type=int, default=16, help="evaluation prompts per category and seed set")
+    ap.add_argument("--cfg", type=float, help="guidance scale of the candidates and the scores (default: the "
+                    "model's; 1: unguided)")
+    ap.add_argument("--pairs-per-prompt", type=int, default=1, help="disjoint correct/incorrect pairs per prompt")
     ap.add_argument("--train", nargs="*", default=[], help="key=value overrides of the tiny-dpo recipe")
     args = ap.parse_args(argv)
     import torch
@@ -106,9 +121,21 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = str(model_folder(args.model))
-    rows = candidates(start, out, args.prompts, args.candidates)
+    if args.cfg is not None and not args.cfg >= 1:
+        raise SystemExit(f"--cfg is a guidance scale of at least 1 (1: unguided), got {args.cfg}")
+    if args.pairs_per_prompt < 1:
+        raise SystemExit(f"--pairs-per-prompt is at least 1, got {args.pairs_per_prompt}")
+    settings = {"cfg": args.cfg, "prompts": args.prompts, "candidates": args.candidates,
+                "pairs_per_prompt": args.pairs_per_prompt}
+    kept = out / "settings.json"
+    if kept.exists() and json.loads(kept.read_text()) != settings:
+        raise SystemExit(f"{out} holds candidates drawn with {kept.read_text()}, not {settings}; use another folder")
+    with atomic_file(kept) as tmp:
+        tmp.write_text(json.dumps(settings))
+    rows = candidates(start, out, args.prompts, args.candidates, cfg=args.cfg)
     tok = TextTokenizer.from_pretrained(start)
-    counts = preferences(rows, out, {"text_size": tok.vocab.text_size, "codebook_size": tok.vocab.codebook_size})
+    counts = preferences(rows, out, {"text_size": tok.vocab.text_size, "codebook_size": tok.vocab.codebook_size},
+                         args.pairs_per_prompt)
     print(f"candidates: {counts}", flush=True)
     steps = max(6, math.ceil(args.epochs * counts["pairs"] / 16))
     cfg = make_config("tiny-dpo", {"model": start, "data": [str(out / "preferences")], "out": str(out / "run"),
@@ -124,9 +151,9 @@ def main(argv=None) -> None:
     seeds = SPLITS[args.split]
     for name, folder in (("before", start), ("after", str(tuned))):
         if name not in result:
-            result[name] = scores(folder, seeds, args.eval_prompts)
+            result[name] = scores(folder, seeds, args.eval_prompts, args.cfg)
             with atomic_file(result_path) as tmp:
-                tmp.write_text(json.dumps({**result, "seeds": seeds, "counts": counts,
+                tmp.write_text(json.dumps({**result, "seeds": seeds, "counts": counts, "cfg": args.cfg,
                                            "train": json.loads(cfg.to_json())}, indent=2))
     for name in ("before", "after"):
         s = np.array(result[name])

@@ -11,7 +11,9 @@ shapes world: `emu3.train.grid.prepare_data`), one model size:
 - weight-1.0: as raster but with vision tokens weighing 1.0.
 Each is scored by held-out next-token losses (nats per token) in its own order: T2I (the visual codes given
 the caption), I2T, T2V, and for the spiral-in order the inner half of each image given its border (what
-inpainting asks). Writes OUT/results.json and prints a table.
+inpainting asks). The two spiral-in models also inpaint for real (`Emu3.inpaint`, what `emu3 inpaint` runs):
+`--inpaint` held-out scenes of the report split with the inside erased, scored by the evaluator's inpainting
+check beside the border alone and the vision tokenizer's ceiling. Writes OUT/results.json and prints a table.
 
     python -m emu3.recipes.orders OUT [--data GRIDDIR] [--pretrain 1000000] [--tune 250000]
 """
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 
 from ..fsutil import atomic_file
-from ..train.grid import TASKS, GridConfig, check_lengths, data_image_area, heldout_loss, prepare_data, task_samples
+from ..train.grid import TASKS, GridConfig, check_lengths, heldout_loss, init_model, prepare_data, task_samples
 
 SIZE = {"hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 5, "num_attention_heads": 6,
         "num_key_value_heads": 2}
@@ -53,10 +55,12 @@ def main(argv=None) -> None:
     ap.add_argument("--tune", type=int, default=250_000, help="tokens of each fine-tuning / scratch run")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--eval-records", type=int, default=256, help="held-out records scored per task")
+    ap.add_argument("--inpaint", type=int, default=64, help="scenes each spiral-in model inpaints (0: none)")
     args = ap.parse_args(argv)
-    from ..checkpoint import load_model, save_model
+    from ..checkpoint import load_model, model_folder, vision_folder
+    from ..eval.bench import SPLITS, eval_inpainting
     from ..format import Formatter
-    from ..model import Emu3LM, model_config
+    from ..pipeline import Emu3
     from ..tokenizer import TextTokenizer
     from ..train import state
     from ..train.config import TrainConfig
@@ -69,12 +73,7 @@ def main(argv=None) -> None:
     check_lengths(grid, held, tok)
     text = TextTokenizer.from_pretrained(tok)
     init = out / "init"
-    if not (init / "config.json").exists():
-        area = data_image_area(data)
-        model = Emu3LM(model_config("tiny", text.vocab, max_position_embeddings=1024,
-                                    **({"image_area": area} if area else {}), **SIZE))
-        model.init_weights(torch.Generator().manual_seed(0))
-        save_model(model, init, tokenizer=text)
+    init_model(init, text, data, SIZE, 0, 1024)
     per_step = grid.seq_len * grid.batch_size
 
     def run(name: str, start: Path, tokens: int, **kw) -> Path:
@@ -116,11 +115,24 @@ def main(argv=None) -> None:
     for order in TUNED:
         score(f"{order}-tuned", run(f"{order}-tuned", raster_model, args.tune, order=order), order)
         score(f"{order}-scratch", run(f"{order}-scratch", init, args.tune, order=order), order)
-    print("| run | order | T2I | I2T | T2V | spiral inner half |")
-    print("|---|---|---|---|---|---|")
+    vision = vision_folder(model_folder(None))  # the grid's data was tokenized with the built-in tokenizer
+    for name in ("spiral-tuned", "spiral-scratch"):
+        if not args.inpaint or "inpainting" in results[name]:
+            continue
+        folder = out / f"{name}-model"
+        if not (folder / "config.json").exists():
+            export(out / "runs" / name, folder)
+        emu = Emu3.from_pretrained(folder, vision_folder=vision)
+        results[name]["inpainting"] = eval_inpainting(emu, args.inpaint, SPLITS["report"] + 40_000)
+        with atomic_file(results_path) as tmp:
+            tmp.write_text(json.dumps(results, indent=2))
+    print("| run | order | T2I | I2T | T2V | spiral inner half | inpainting (border only, ceiling) |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         inner = f"{r['inner']:.4f}" if "inner" in r else "-"
-        print(f"| {name} | {r['order']} | {r['t2i']:.4f} | {r['i2t']:.4f} | {r['t2v']:.4f} | {inner} |")
+        ip = r.get("inpainting")
+        ip = f"{ip['accuracy']:.3f} ({ip['border_only']:.3f}, {ip['tokenizer_ceiling']:.3f})" if ip else "-"
+        print(f"| {name} | {r['order']} | {r['t2i']:.4f} | {r['i2t']:.4f} | {r['t2v']:.4f} | {inner} | {ip} |")
 
 
 if __name__ == "__main__":

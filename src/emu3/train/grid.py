@@ -298,12 +298,28 @@ def write_runs(out: Path) -> int:
     return len(rows)
 
 
+def init_model(folder: Path, text, data: list[str], size: dict, seed: int, max_positions: int) -> None:
+    """A freshly initialised model folder to train from scratch (kept when it exists): `size`'s shape,
+    the vocabulary of `text`, images of the data's size, and the from-scratch generation defaults (so a
+    model exported from a run that started here prompts with its data's bare captions)."""
+    from ..checkpoint import save_model
+    from ..model import Emu3LM, model_config
+    from .trainer import SCRATCH_DEFAULTS
+
+    if (folder / "config.json").exists():
+        return
+    area = data_image_area(data)
+    model = Emu3LM(model_config("tiny", text.vocab, max_position_embeddings=max_positions,
+                                **({"image_area": area} if area else {}), **size))
+    model.init_weights(torch.Generator().manual_seed(seed))
+    save_model(model, folder, tokenizer=text, extra_files={"emu3_defaults.json": SCRATCH_DEFAULTS})
+
+
 def run_cell(cfg: GridConfig, cell: Cell, out: Path, data: list[str], held: dict[str, str], tok: str,
              progress: bool = False) -> dict:
     """Train one cell (resuming its checkpoint) and score it; writes and returns its result.json."""
-    from ..checkpoint import load_model, save_model
+    from ..checkpoint import load_model
     from ..format import Formatter
-    from ..model import Emu3LM, model_config
     from ..tokenizer import TextTokenizer
     from . import state
     from .config import TrainConfig
@@ -311,13 +327,8 @@ def run_cell(cfg: GridConfig, cell: Cell, out: Path, data: list[str], held: dict
 
     folder = out / "cells" / cell.name
     text = TextTokenizer.from_pretrained(tok)
-    init = out / "init" / f"s{cell.size}"
-    if not (init / "config.json").exists():  # one initialisation per size, shared by its cells
-        area = data_image_area(data)
-        model = Emu3LM(model_config("tiny", text.vocab, max_position_embeddings=max(cfg.seq_len, 1024),
-                                    **({"image_area": area} if area else {}), **cfg.sizes[cell.size]))
-        model.init_weights(torch.Generator().manual_seed(cfg.seed))
-        save_model(model, init, tokenizer=text)
+    init = out / "init" / f"s{cell.size}"  # one initialisation per size, shared by its cells
+    init_model(init, text, data, cfg.sizes[cell.size], cfg.seed, max(cfg.seq_len, 1024))
     per_step = cfg.seq_len * cfg.batch_size
     steps = max(1, math.ceil(cell.tokens / per_step))
     train_cfg = TrainConfig(**{

@@ -33,6 +33,10 @@ from .parallelize import parallelize
 
 METRICS = ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "seconds", "skipped"]
 
+# generation defaults of a model trained from scratch: its data's captions as they are (the released
+# prompt decoration and negative prompt are words it never read; the unconditional prompt is the empty caption)
+SCRATCH_DEFAULTS = {"positive_suffix": "", "negative_prompt": ""}
+
 
 class NonFiniteError(Emu3Error):
     """Too many non-finite steps in a row."""
@@ -459,7 +463,7 @@ def export(run: str | os.PathLike, out: str | os.PathLike, layout: str = "releas
             extra["emu3_defaults.json"] = read_json(Path(cfg.model) / "emu3_defaults.json")
     else:  # trained from scratch: the unconditional prompt is the empty caption, no prompt decoration, and
         # images of the data's shape (the area is in config.json: model.config.image_area)
-        extra["emu3_defaults.json"] = {"positive_suffix": "", "negative_prompt": ""}
+        extra["emu3_defaults.json"] = dict(SCRATCH_DEFAULTS)
         if info.grid and info.grid[0] != info.grid[1]:
             from math import gcd
 
