@@ -322,6 +322,12 @@ class Engine:
         return core.scores(core.want())
 
 
+def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The released classifier-free guidance on log-probabilities: scale * (log p_c - log p_u) + log p_u
+    (shared by the general core and the static loop, so both mix the same way)."""
+    return scale * (cond - uncond) + uncond
+
+
 def guided_scores(e: Engine, hidden: torch.Tensor, want: torch.Tensor, g_idx: torch.Tensor, u_idx: torch.Tensor,
                   scale: torch.Tensor, text_ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Constrained, guided scores (n, V') and their token ids (V',) for n requests.
@@ -341,7 +347,7 @@ def guided_scores(e: Engine, hidden: torch.Tensor, want: torch.Tensor, g_idx: to
     scores = logits[:n]
     if len(g_idx):
         logp = torch.log_softmax(logits, dim=-1)
-        mixed = scale * (logp[g_idx] - logp[u_idx]) + logp[u_idx]
+        mixed = cfg_mix(logp[g_idx], logp[u_idx], scale)
         mixed = torch.where(visual_step[g_idx, None], mixed, scores[g_idx])
         scores = scores.index_copy(0, g_idx, mixed)
     if not only_visual:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .generate import TEXT, Decoder, Engine, Request, Result, sample
+from .generate import TEXT, Decoder, Engine, Request, Result, cfg_mix, sample
 from .model import KVCache
 
 BUCKET = 256  # compiled loops allocate cache lengths in multiples of this
@@ -55,7 +55,7 @@ def choose_visual(model, hidden: torch.Tensor, want: torch.Tensor, cond: torch.T
     logits = model.logits(hidden, slice(model.config.vocab_size - visual_ids.shape[0], None))  # (m, C)
     logp = torch.log_softmax(logits, dim=-1)
     c, u = logp[cond], logp[uncond]  # (n, C)
-    scores = torch.where(guided[:, None], scale[:, None] * (c - u) + u, logits[cond])
+    scores = torch.where(guided[:, None], cfg_mix(c, u, scale[:, None]), logits[cond])
     token = sample(scores, visual_ids, seeds, step, temperature, top_k, top_p, k_max, nucleus)
     return torch.where(want >= 0, want, token)
 
