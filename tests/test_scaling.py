@@ -70,6 +70,26 @@ def test_the_fit_command(tmp_path, capsys):
     assert "no such runs file" in capsys.readouterr().err
 
 
+def test_runs_below_a_budget_or_size_are_left_out(tmp_path, capsys):
+    """--min-tokens / --min-params: the runs kept for the fit, and a clear error when too few remain."""
+    from emu3.cli import main
+
+    runs = tmp_path / "runs.csv"
+    points = synthetic()
+    early = points[points[:, 1] == points[:, 1].min()].copy()
+    early[:, 1] /= 10
+    early[:, 2] = np.log(1024)  # a budget before the power-law regime: every size still near uniform
+    runs.write_text("task,params,tokens,loss\n" + "".join(f"t2i,{n:.0f},{d:.0f},{x}\n"
+                                                          for n, d, x in np.concatenate([points, early])))
+    kept = scaling.select_runs(runs, min_tokens=points[:, 1].min())["t2i"]
+    assert len(kept) == len(points) and np.allclose(kept, points, rtol=1e-6)
+    assert len(scaling.select_runs(runs, min_params=points[:, 0].max())["t2i"]) == 5  # one size, 5 budgets
+    with pytest.raises(InputError, match="keeps 1 runs with params >= 1e\\+09 and tokens >= 1e\\+11"):
+        scaling.select_runs(runs, min_params=1e9, min_tokens=1e11)
+    assert main(["scaling", "fit", str(runs), "--bootstrap", "0", "--min-tokens", "1e12"]) == 2
+    assert "keeps 0 runs" in capsys.readouterr().err
+
+
 def fast_fits(monkeypatch):
     """One L-BFGS start instead of Hoffmann et al.'s 4,500: the plot tests fit in milliseconds."""
     monkeypatch.setattr(scaling, "GRID", tuple(np.array([x]) for x in (0.5, 0.5, 0.5, 5.0, 5.0)))

@@ -312,7 +312,8 @@ def cmd_scaling_run(args) -> None:
 def cmd_scaling_fit(args) -> None:
     from .scaling import fit_runs
 
-    fits = fit_runs(args.runs, task=args.task, holdout=args.holdout, bootstrap=args.bootstrap)
+    fits = fit_runs(args.runs, task=args.task, holdout=args.holdout, bootstrap=args.bootstrap,
+                    min_params=args.min_params, min_tokens=args.min_tokens)
     if args.json:
         print(json.dumps({t: f.to_dict() for t, f in fits.items()}, indent=2))
         return
@@ -333,7 +334,9 @@ def cmd_scaling_fit(args) -> None:
 def cmd_scaling_plot(args) -> None:
     from .scaling import plot_runs
 
-    print(f"wrote {plot_runs(args.runs, args.output, task=args.task, holdout=args.holdout)}")
+    out = plot_runs(args.runs, args.output, task=args.task, holdout=args.holdout, min_params=args.min_params,
+                    min_tokens=args.min_tokens)
+    print(f"wrote {out}")
 
 
 def cmd_generate_video(args) -> None:
@@ -648,6 +651,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_interleave)
 
+    def runs_filter(p):
+        p.add_argument("--min-tokens", type=float, default=0, metavar="D",
+                       help="leave out runs of fewer training tokens (budgets before the power-law regime)")
+        p.add_argument("--min-params", type=float, default=0, metavar="N", help="leave out smaller models")
+
     sc = sub.add_parser("scaling", help="scaling laws: fit L(N, D) = E + A/N^alpha + B/D^beta to measured runs")
     scs = sc.add_subparsers(dest="action", required=True)
     p = scs.add_parser("run", help="train every (size, token budget) cell of a grid and score it on held-out data; "
@@ -664,12 +672,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=int, default=0, help="leave out the K largest runs and score them as predictions")
     p.add_argument("--bootstrap", type=int, default=100, help="resamples for the 95%% intervals (0: none)")
     p.add_argument("--json", action="store_true", help="one JSON object: task -> E, A, B, alpha, beta, r2, mape, ...")
+    runs_filter(p)
     p.set_defaults(func=cmd_scaling_fit)
     p = scs.add_parser("plot", help="loss vs tokens, loss vs size and predicted vs observed, with the fitted law")
     p.add_argument("runs", metavar="RUNS.csv", help="columns task,params,tokens,loss")
     p.add_argument("-o", "--output", required=True, metavar="FIG.png", help=".png, .pdf or .svg")
     p.add_argument("--task", help="plot this task only (default: each, a row per task)")
     p.add_argument("--holdout", type=int, default=0, help="fit without the K largest runs and mark them")
+    runs_filter(p)
     p.set_defaults(func=cmd_scaling_plot)
 
     p = sub.add_parser("generate-video", help="text-to-video")
@@ -860,7 +870,7 @@ _RANGES: dict[str, tuple[float | str, float | None]] = {  # (lowest, highest or 
     "max_frames": (1, None), "frame_limit": (1, None), "num_frames": (1, None), "temperature": (0, None),
     "top_k": (0, None), "top_p": (_ABOVE_0, 1), "cfg": (0, None), "n": (1, None), "image_area": (64, None),
     "batch_size": (1, None), "max_new_tokens": (1, None), "max_images": (1, 8), "window": (1, 63),
-    "holdout": (0, None), "bootstrap": (0, None), "cells": (1, None),
+    "holdout": (0, None), "min_tokens": (0, None), "min_params": (0, None), "bootstrap": (0, None), "cells": (1, None),
     "frames": (1, None), "rings": (0, None),
     "generation": (0, None), "understanding": (0, None), "video": (0, None), "tokenizer_images": (0, None),
     "inpainting": (0, None), "stories": (0, None), "episodes": (1, None), "horizon": (1, None), "history": (0, 1),

@@ -26,6 +26,7 @@ import numpy as np
 from .errors import InputError
 
 COLUMNS = ("task", "params", "tokens", "loss")
+MIN_POINTS = 5  # the law's parameters
 HUBER_DELTA = 1e-3
 # Hoffmann et al.'s starting grid: alpha, beta, e, a, b
 GRID = (np.arange(0, 2.01, 0.5), np.arange(0, 2.01, 0.5), np.arange(-1, 1.01, 0.5), np.arange(0, 25.1, 5),
@@ -133,8 +134,8 @@ def fit(points: np.ndarray, holdout: int = 0, bootstrap: int = 100, seed: int = 
     points = np.asarray(points, float)
     if points.ndim != 2 or points.shape[1] != 3:
         raise InputError(f"points must be (k, 3): params, tokens, loss; got shape {points.shape}")
-    if holdout < 0 or len(points) - holdout < 5:
-        raise InputError(f"a fit of 5 parameters needs at least 5 runs left after holding out {holdout}; "
+    if holdout < 0 or len(points) - holdout < MIN_POINTS:
+        raise InputError(f"a fit of 5 parameters needs at least {MIN_POINTS} runs left after holding out {holdout}; "
                          f"there are {len(points)}")
     order = np.argsort(points[:, 0] * points[:, 1], kind="stable")
     train, held = points[order[:len(points) - holdout]], points[order[len(points) - holdout:]]
@@ -160,14 +161,28 @@ def fit(points: np.ndarray, holdout: int = 0, bootstrap: int = 100, seed: int = 
     return out
 
 
-def fit_runs(path: str | os.PathLike, task: str | None = None, holdout: int = 0, bootstrap: int = 100,
-             seed: int = 0) -> dict[str, Fit]:
-    """Fit every task of a runs CSV (or one)."""
+def select_runs(path: str | os.PathLike, task: str | None = None, min_params: float = 0,
+                min_tokens: float = 0) -> dict[str, np.ndarray]:
+    """The runs of a runs CSV to fit: one task's (or each's), without runs below `min_params` parameters or
+    `min_tokens` tokens (budgets before the power-law regime: a law E + A/N^alpha + B/D^beta cannot follow
+    the first steps of training, where every size's loss is still near the uniform level)."""
     runs = read_runs(path)
     if task is not None:
         if task not in runs:
             raise InputError(f"{path}: no runs of task {task!r}; it has {', '.join(sorted(runs))}")
         runs = {task: runs[task]}
+    runs = {t: p[(p[:, 0] >= min_params) & (p[:, 1] >= min_tokens)] for t, p in runs.items()}
+    for t, p in runs.items():
+        if len(p) < MIN_POINTS:
+            raise InputError(f"{path}: task {t} keeps {len(p)} runs with params >= {min_params:g} and tokens >= "
+                             f"{min_tokens:g}; a fit needs at least {MIN_POINTS}")
+    return runs
+
+
+def fit_runs(path: str | os.PathLike, task: str | None = None, holdout: int = 0, bootstrap: int = 100,
+             seed: int = 0, min_params: float = 0, min_tokens: float = 0) -> dict[str, Fit]:
+    """Fit every task of a runs CSV (or one), on the runs `select_runs` keeps."""
+    runs = select_runs(path, task, min_params, min_tokens)
     return {t: fit(p, holdout, bootstrap, seed) for t, p in sorted(runs.items())}
 
 
@@ -183,11 +198,12 @@ def _short(x: float) -> str:
 
 
 def plot_runs(path: str | os.PathLike, out: str | os.PathLike, task: str | None = None, holdout: int = 0,
-              fits: dict[str, Fit] | None = None) -> Path:
+              fits: dict[str, Fit] | None = None, min_params: float = 0, min_tokens: float = 0) -> Path:
     """Draw the runs of a runs CSV with the fitted laws (`emu3 scaling plot`): per task a row of loss against
     tokens (a colour per size), loss against size (a colour per token budget) and predicted against observed
     loss (the `holdout` largest runs by params x tokens marked as held out). `fits` (task -> Fit) are used
-    where given, else each task is fitted without bootstrap. Written atomically as .png, .pdf or .svg."""
+    where given, else each task is fitted without bootstrap; `min_params`, `min_tokens` as `select_runs`.
+    Written atomically as .png, .pdf or .svg."""
     from .fsutil import atomic_file
 
     out = Path(out)
@@ -201,11 +217,7 @@ def plot_runs(path: str | os.PathLike, out: str | os.PathLike, task: str | None 
     except ImportError as e:
         raise InputError('plotting needs matplotlib: pip install "emu3[plot]"') from e
 
-    runs = read_runs(path)
-    if task is not None:
-        if task not in runs:
-            raise InputError(f"{path}: no runs of task {task!r}; it has {', '.join(sorted(runs))}")
-        runs = {task: runs[task]}
+    runs = select_runs(path, task, min_params, min_tokens)
     fits = dict(fits or {})
     for t, points in runs.items():
         if t not in fits:
