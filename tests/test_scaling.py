@@ -88,6 +88,16 @@ def test_runs_below_a_budget_or_size_are_left_out(tmp_path, capsys):
         scaling.select_runs(runs, min_params=1e9, min_tokens=1e11)
     assert main(["scaling", "fit", str(runs), "--bootstrap", "0", "--min-tokens", "1e12"]) == 2
     assert "keeps 0 runs" in capsys.readouterr().err
+    # the paper's test: the smaller models' fit predicts the largest model's runs
+    assert main(["scaling", "fit", str(runs), "--bootstrap", "0", "--min-tokens", str(points[:, 1].min()),
+                 "--holdout-params", str(points[:, 0].max())]) == 0
+    out = capsys.readouterr().out
+    assert "| 16 |" in out and out.count("t2i held out: N=1,000,000,000") == 4
+    f = scaling.fit(points, bootstrap=0, holdout_params=points[:, 0].max())
+    assert f.points == 16 and len(f.held_out) == 4 and f.holdout_mape < 0.03
+    assert all(abs(pred / obs - 1) < 0.05 for _, _, obs, pred in f.held_out)
+    with pytest.raises(InputError, match="not both"):
+        scaling.fit(points, holdout=2, holdout_params=1e9)
 
 
 def fast_fits(monkeypatch):

@@ -313,7 +313,7 @@ def cmd_scaling_fit(args) -> None:
     from .scaling import fit_runs
 
     fits = fit_runs(args.runs, task=args.task, holdout=args.holdout, bootstrap=args.bootstrap,
-                    min_params=args.min_params, min_tokens=args.min_tokens)
+                    min_params=args.min_params, min_tokens=args.min_tokens, holdout_params=args.holdout_params)
     if args.json:
         print(json.dumps({t: f.to_dict() for t, f in fits.items()}, indent=2))
         return
@@ -329,13 +329,17 @@ def cmd_scaling_fit(args) -> None:
         print(f"| {task} | {cell(f, 'E', f.E)} | {cell(f, 'A', f.A)} | {cell(f, 'B', f.B)} | "
               f"{cell(f, 'alpha', f.alpha)} | {cell(f, 'beta', f.beta)} | {f.r2:.4f} | {f.mape:.2%} | {held} | "
               f"{f.points} |")
+    for task, f in fits.items():
+        for n, d, obs, pred in f.held_out or []:
+            print(f"{task} held out: N={n:,.0f} D={d:,.0f}: observed {obs:.4f}, predicted {pred:.4f} "
+                  f"({pred / obs - 1:+.2%})")
 
 
 def cmd_scaling_plot(args) -> None:
     from .scaling import plot_runs
 
     out = plot_runs(args.runs, args.output, task=args.task, holdout=args.holdout, min_params=args.min_params,
-                    min_tokens=args.min_tokens)
+                    min_tokens=args.min_tokens, holdout_params=args.holdout_params)
     print(f"wrote {out}")
 
 
@@ -655,6 +659,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--min-tokens", type=float, default=0, metavar="D",
                        help="leave out runs of fewer training tokens (budgets before the power-law regime)")
         p.add_argument("--min-params", type=float, default=0, metavar="N", help="leave out smaller models")
+        p.add_argument("--holdout-params", type=float, metavar="N",
+                       help="fit the smaller models only and predict the runs of N parameters or more (instead of "
+                            "--holdout K)")
 
     sc = sub.add_parser("scaling", help="scaling laws: fit L(N, D) = E + A/N^alpha + B/D^beta to measured runs")
     scs = sc.add_subparsers(dest="action", required=True)
@@ -870,7 +877,8 @@ _RANGES: dict[str, tuple[float | str, float | None]] = {  # (lowest, highest or 
     "max_frames": (1, None), "frame_limit": (1, None), "num_frames": (1, None), "temperature": (0, None),
     "top_k": (0, None), "top_p": (_ABOVE_0, 1), "cfg": (0, None), "n": (1, None), "image_area": (64, None),
     "batch_size": (1, None), "max_new_tokens": (1, None), "max_images": (1, 8), "window": (1, 63),
-    "holdout": (0, None), "min_tokens": (0, None), "min_params": (0, None), "bootstrap": (0, None), "cells": (1, None),
+    "holdout": (0, None), "min_tokens": (0, None), "min_params": (0, None),
+    "holdout_params": (0, None), "bootstrap": (0, None), "cells": (1, None),
     "frames": (1, None), "rings": (0, None),
     "generation": (0, None), "understanding": (0, None), "video": (0, None), "tokenizer_images": (0, None),
     "inpainting": (0, None), "stories": (0, None), "episodes": (1, None), "horizon": (1, None), "history": (0, 1),

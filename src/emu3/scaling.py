@@ -48,6 +48,7 @@ class Fit:
     points: int
     holdout_mape: float | None = None
     intervals: dict | None = None  # name -> (low, high), from the bootstrap
+    held_out: list | None = None  # [params, tokens, observed loss, predicted loss] per held-out run
 
     def predict(self, params, tokens) -> np.ndarray:
         return law(np.asarray(params, float), np.asarray(tokens, float), self.E, self.A, self.B, self.alpha,
@@ -127,18 +128,35 @@ def _minimize(points: np.ndarray, starts, delta: float) -> tuple[np.ndarray, flo
     return best, best_loss
 
 
+def held_out(points: np.ndarray, holdout: int = 0, holdout_params: float | None = None) -> np.ndarray:
+    """Which runs a fit leaves out to predict: the `holdout` largest by params x tokens (compute), or with
+    `holdout_params` every run of a model that large or larger (the paper's test: small models predict a
+    larger one). A boolean mask over the points."""
+    held = np.zeros(len(points), bool)
+    if holdout_params is not None:
+        if holdout:
+            raise InputError("hold out either the K largest runs or the models from a size up, not both")
+        return points[:, 0] >= holdout_params
+    if holdout < 0:
+        raise InputError(f"holdout is a number of runs, got {holdout}")
+    if holdout:
+        held[np.argsort(points[:, 0] * points[:, 1], kind="stable")[len(points) - holdout:]] = True
+    return held
+
+
 def fit(points: np.ndarray, holdout: int = 0, bootstrap: int = 100, seed: int = 0,
-        delta: float = HUBER_DELTA) -> Fit:
-    """Fit the law to (k, 3) points (params, tokens, loss); the `holdout` largest runs (by params x tokens)
-    are left out of the fit and scored as predictions; `bootstrap` resamples give 95 % intervals."""
+        delta: float = HUBER_DELTA, holdout_params: float | None = None) -> Fit:
+    """Fit the law to (k, 3) points (params, tokens, loss); the runs `held_out` picks (the `holdout`
+    largest by params x tokens, or those of `holdout_params` parameters and more) are left out of the fit
+    and scored as predictions; `bootstrap` resamples give 95 % intervals."""
     points = np.asarray(points, float)
     if points.ndim != 2 or points.shape[1] != 3:
         raise InputError(f"points must be (k, 3): params, tokens, loss; got shape {points.shape}")
-    if holdout < 0 or len(points) - holdout < MIN_POINTS:
-        raise InputError(f"a fit of 5 parameters needs at least {MIN_POINTS} runs left after holding out {holdout}; "
-                         f"there are {len(points)}")
-    order = np.argsort(points[:, 0] * points[:, 1], kind="stable")
-    train, held = points[order[:len(points) - holdout]], points[order[len(points) - holdout:]]
+    mask = held_out(points, holdout, holdout_params)
+    if (~mask).sum() < MIN_POINTS:
+        raise InputError(f"a fit of 5 parameters needs at least {MIN_POINTS} runs left after holding out "
+                         f"{mask.sum()}; there are {len(points)}")
+    train, held = points[~mask], points[mask]
     grid = [(a, b, e, alpha, beta) for alpha, beta, e, a, b in itertools.product(*GRID)]
     theta, _ = _minimize(train, grid, delta)
     a, b, e, alpha, beta = (float(x) for x in theta)
@@ -148,7 +166,9 @@ def fit(points: np.ndarray, holdout: int = 0, bootstrap: int = 100, seed: int = 
     out = Fit(math.exp(e), math.exp(a), math.exp(b), alpha, beta, r2, float(np.mean(np.abs(pred / obs - 1))),
               len(train))
     if len(held):
-        out.holdout_mape = float(np.mean(np.abs(out.predict(held[:, 0], held[:, 1]) / held[:, 2] - 1)))
+        predicted = out.predict(held[:, 0], held[:, 1])
+        out.holdout_mape = float(np.mean(np.abs(predicted / held[:, 2] - 1)))
+        out.held_out = [[float(x) for x in (*row, y)] for row, y in zip(held, predicted)]
     if bootstrap:
         rng = np.random.default_rng(seed)
         draws = []
@@ -180,10 +200,11 @@ def select_runs(path: str | os.PathLike, task: str | None = None, min_params: fl
 
 
 def fit_runs(path: str | os.PathLike, task: str | None = None, holdout: int = 0, bootstrap: int = 100,
-             seed: int = 0, min_params: float = 0, min_tokens: float = 0) -> dict[str, Fit]:
+             seed: int = 0, min_params: float = 0, min_tokens: float = 0,
+             holdout_params: float | None = None) -> dict[str, Fit]:
     """Fit every task of a runs CSV (or one), on the runs `select_runs` keeps."""
     runs = select_runs(path, task, min_params, min_tokens)
-    return {t: fit(p, holdout, bootstrap, seed) for t, p in sorted(runs.items())}
+    return {t: fit(p, holdout, bootstrap, seed, holdout_params=holdout_params) for t, p in sorted(runs.items())}
 
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
@@ -198,10 +219,11 @@ def _short(x: float) -> str:
 
 
 def plot_runs(path: str | os.PathLike, out: str | os.PathLike, task: str | None = None, holdout: int = 0,
-              fits: dict[str, Fit] | None = None, min_params: float = 0, min_tokens: float = 0) -> Path:
+              fits: dict[str, Fit] | None = None, min_params: float = 0, min_tokens: float = 0,
+              holdout_params: float | None = None) -> Path:
     """Draw the runs of a runs CSV with the fitted laws (`emu3 scaling plot`): per task a row of loss against
     tokens (a colour per size), loss against size (a colour per token budget) and predicted against observed
-    loss (the `holdout` largest runs by params x tokens marked as held out). `fits` (task -> Fit) are used
+    loss (the runs `held_out` picks marked as held out). `fits` (task -> Fit) are used
     where given, else each task is fitted without bootstrap; `min_params`, `min_tokens` as `select_runs`.
     Written atomically as .png, .pdf or .svg."""
     from .fsutil import atomic_file
@@ -221,7 +243,7 @@ def plot_runs(path: str | os.PathLike, out: str | os.PathLike, task: str | None 
     fits = dict(fits or {})
     for t, points in runs.items():
         if t not in fits:
-            fits[t] = fit(points, holdout, bootstrap=0)
+            fits[t] = fit(points, holdout, bootstrap=0, holdout_params=holdout_params)
 
     fig = Figure(figsize=(16, 4.6 * len(runs)), layout="constrained")
     FigureCanvasAgg(fig)  # the Agg canvas, without pyplot's global state
@@ -229,9 +251,7 @@ def plot_runs(path: str | os.PathLike, out: str | os.PathLike, task: str | None 
     for row, (t, points) in zip(axes, sorted(runs.items())):
         f = fits[t]
         n, d, loss = points.T
-        held = np.zeros(len(points), bool)
-        if holdout:  # as `fit` holds them out: the largest by params x tokens
-            held[np.argsort(n * d, kind="stable")[len(points) - holdout:]] = True
+        held = held_out(points, holdout, holdout_params)  # as `fit` holds them out
         for ax, (x, group, name, other) in zip(row[:2], ((d, n, "N", "tokens D"), (n, d, "D", "parameters N"))):
             values = np.unique(group)
             grid = np.geomspace(x.min(), x.max(), 100)
