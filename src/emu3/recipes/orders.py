@@ -13,7 +13,8 @@ Each is scored by held-out next-token losses (nats per token) in its own order: 
 the caption), I2T, T2V, and for the spiral-in order the inner half of each image given its border (what
 inpainting asks). The two spiral-in models also inpaint for real (`Emu3.inpaint`, what `emu3 inpaint` runs):
 `--inpaint` held-out scenes of the report split with the inside erased, scored by the evaluator's inpainting
-check beside the border alone and the vision tokenizer's ceiling. Writes OUT/results.json and prints a table.
+check beside the border alone and the vision tokenizer's ceiling (and OUT/inpainting.png: the first scenes).
+Writes OUT/results.json and prints a table.
 
     python -m emu3.recipes.orders OUT [--data GRIDDIR] [--pretrain 1000000] [--tune 250000]
 """
@@ -44,6 +45,47 @@ def inner_half(samples: list) -> list:
         keep = np.zeros_like(counted)
         keep[where[len(where) // 2:]] = True
         out.append((ids, keep))
+    return out
+
+
+def inpainting_figure(models: dict, out: Path, scenes: int = 6, seed: int = 150_000, rings: int = 2,
+                      scale: int = 3) -> Path:
+    """A PNG of held-out scenes (rows, the first of `eval_inpainting`'s): the original, its border over a
+    grey inside, and each model's inpainting (columns, a green or red bar: the evaluator's verdict)."""
+    from PIL import Image, ImageDraw
+
+    from ..eval.bench import erased, same_objects
+    from ..fsutil import atomic_file
+    from ..world.scenes import inventory, render, sample_scene
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(scenes):
+        scene = sample_scene(rng)
+        image = render(scene)
+        cells, marks = [image, None], [None, None]
+        for emu in models.values():
+            g = emu.inpaint(image, inventory(scene), rings, seed=seed + i)
+            cells.append(g.pixels)
+            marks.append(same_objects(scene, g.pixels))
+        cells[1] = erased(image, g.codes.shape, rings)
+        rows.append((cells, marks))
+    h, w = rows[0][0][0].shape[:2]
+    pad, head = 4, 14
+    cols = 2 + len(models)
+    sheet = Image.new("RGB", (cols * (w * scale + pad) + pad, head + scenes * (h * scale + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, name in enumerate(["original", "border only", *models]):
+        draw.text((pad + c * (w * scale + pad), 2), name, fill="black")
+    for r, (cells, marks) in enumerate(rows):
+        for c, (pixels, ok) in enumerate(zip(cells, marks)):
+            x, y = pad + c * (w * scale + pad), head + r * (h * scale + pad)
+            sheet.paste(Image.fromarray(pixels).resize((w * scale, h * scale), Image.NEAREST), (x, y))
+            if ok is not None:
+                draw.rectangle((x, y + h * scale - 3, x + w * scale - 1, y + h * scale - 1),
+                               fill=(40, 160, 60) if ok else (200, 40, 40))
+    with atomic_file(out) as tmp:
+        sheet.save(tmp, format="PNG")
     return out
 
 
@@ -116,16 +158,18 @@ def main(argv=None) -> None:
         score(f"{order}-tuned", run(f"{order}-tuned", raster_model, args.tune, order=order), order)
         score(f"{order}-scratch", run(f"{order}-scratch", init, args.tune, order=order), order)
     vision = vision_folder(model_folder(None))  # the grid's data was tokenized with the built-in tokenizer
-    for name in ("spiral-tuned", "spiral-scratch"):
-        if not args.inpaint or "inpainting" in results[name]:
-            continue
+    spirals = {}
+    for name in ("spiral-tuned", "spiral-scratch") if args.inpaint else ():
         folder = out / f"{name}-model"
         if not (folder / "config.json").exists():
             export(out / "runs" / name, folder)
-        emu = Emu3.from_pretrained(folder, vision_folder=vision)
-        results[name]["inpainting"] = eval_inpainting(emu, args.inpaint, SPLITS["report"] + 40_000)
-        with atomic_file(results_path) as tmp:
-            tmp.write_text(json.dumps(results, indent=2))
+        spirals[name] = emu = Emu3.from_pretrained(folder, vision_folder=vision)
+        if "inpainting" not in results[name]:
+            results[name]["inpainting"] = eval_inpainting(emu, args.inpaint, SPLITS["report"] + 40_000)
+            with atomic_file(results_path) as tmp:
+                tmp.write_text(json.dumps(results, indent=2))
+    if spirals and not (out / "inpainting.png").exists():
+        print(f"wrote {inpainting_figure(spirals, out / 'inpainting.png', seed=SPLITS['report'] + 40_000)}")
     print("| run | order | T2I | I2T | T2V | spiral inner half | inpainting (border only, ceiling) |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
