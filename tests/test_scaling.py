@@ -98,6 +98,8 @@ def test_runs_below_a_budget_or_size_are_left_out(tmp_path, capsys):
     assert all(abs(pred / obs - 1) < 0.05 for _, _, obs, pred in f.held_out)
     with pytest.raises(InputError, match="not both"):
         scaling.fit(points, holdout=2, holdout_params=1e9)
+    with pytest.raises(InputError, match="from 0 to the 20 there are, got 25"):
+        scaling.fit(points, holdout=25)
 
 
 def fast_fits(monkeypatch):

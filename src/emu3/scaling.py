@@ -137,8 +137,8 @@ def held_out(points: np.ndarray, holdout: int = 0, holdout_params: float | None 
         if holdout:
             raise InputError("hold out either the K largest runs or the models from a size up, not both")
         return points[:, 0] >= holdout_params
-    if holdout < 0:
-        raise InputError(f"holdout is a number of runs, got {holdout}")
+    if not 0 <= holdout <= len(points):
+        raise InputError(f"holdout is a number of runs from 0 to the {len(points)} there are, got {holdout}")
     if holdout:
         held[np.argsort(points[:, 0] * points[:, 1], kind="stable")[len(points) - holdout:]] = True
     return held

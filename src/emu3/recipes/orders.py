@@ -55,7 +55,6 @@ def inpainting_figure(models: dict, out: Path, scenes: int = 6, seed: int = 150_
     from PIL import Image, ImageDraw
 
     from ..eval.bench import erased, same_objects
-    from ..fsutil import atomic_file
     from ..world.scenes import inventory, render, sample_scene
 
     rng = np.random.default_rng(seed)
