@@ -64,8 +64,13 @@ def test_the_fit_command(tmp_path, capsys):
     rows = "".join(f"t2i,{n:.0f},{d:.0f},{loss}\n" for n, d, loss in synthetic())
     runs.write_text("task,params,tokens,loss\n" + rows)
     assert main(["scaling", "fit", str(runs), "--bootstrap", "0", "--holdout", "2", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)["t2i"]
+    out = json.loads(capsys.readouterr().out)  # one task: the fit's object itself
     assert {"E", "A", "B", "alpha", "beta", "r2", "mape"} <= set(out) and abs(out["alpha"] - TRUE["alpha"]) < 0.1
+    assert out["task"] == "t2i"
+    runs.write_text(runs.read_text() + rows.replace("t2i,", "t2v,"))  # several: task -> fit
+    assert main(["scaling", "fit", str(runs), "--bootstrap", "0", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"t2i", "t2v"} and out["t2v"]["alpha"] == pytest.approx(out["t2i"]["alpha"])
     assert main(["scaling", "fit", str(tmp_path / "none.csv")]) == 2
     assert "no such runs file" in capsys.readouterr().err
 

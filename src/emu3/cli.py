@@ -314,8 +314,9 @@ def cmd_scaling_fit(args) -> None:
 
     fits = fit_runs(args.runs, task=args.task, holdout=args.holdout, bootstrap=args.bootstrap,
                     min_params=args.min_params, min_tokens=args.min_tokens, holdout_params=args.holdout_params)
-    if args.json:
-        print(json.dumps({t: f.to_dict() for t, f in fits.items()}, indent=2))
+    if args.json:  # one task: its fit's object (with "task"); several: task -> fit
+        out = {t: f.to_dict() for t, f in fits.items()}
+        print(json.dumps({"task": next(iter(out)), **next(iter(out.values()))} if len(out) == 1 else out, indent=2))
         return
     print("| task | E | A | B | alpha | beta | R^2 | MAPE | held-out MAPE | runs |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -678,7 +679,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="fit this task only (default: each)")
     p.add_argument("--holdout", type=int, default=0, help="leave out the K largest runs and score them as predictions")
     p.add_argument("--bootstrap", type=int, default=100, help="resamples for the 95%% intervals (0: none)")
-    p.add_argument("--json", action="store_true", help="one JSON object: task -> E, A, B, alpha, beta, r2, mape, ...")
+    p.add_argument("--json", action="store_true", help="one JSON object: E, A, B, alpha, beta, r2, mape, ... (task -> "
+                   "that, when several)")
     runs_filter(p)
     p.set_defaults(func=cmd_scaling_fit)
     p = scs.add_parser("plot", help="loss vs tokens, loss vs size and predicted vs observed, with the fitted law")
