@@ -332,6 +332,65 @@ def test_jacobi_rows_in_a_batch_equal_rows_alone(lm, fmt):
     assert [r.tokens.tolist() for r in together] == alone
 
 
+# ---- parallel rows (emu3.zipar; not lossless) ----
+
+
+def test_parallel_rows_with_a_full_window_are_plain_decoding(lm, fmt):
+    """Rows that start only when the row above is complete (window >= w) give plain decoding's tokens,
+    sampled and guided (the same seed and template step for every code: its slow twin); smaller windows
+    write whole images (EOLs, EOF, EOI, EOS in place) in fewer passes, and a request that is not a whole
+    image is refused."""
+    grid = (4, 5)
+    requests = [image_request(fmt, "a red circle", grid, cfg_scale=3.0, visual=Sampling(1.0, 8), seed=3),
+                image_request(fmt, "two blue squares", grid, visual=Sampling(1.0, 8), seed=4),
+                image_request(fmt, "a green square", grid, cfg_scale=2.0, visual=GREEDY)]
+    engine = Engine(lm)
+    plain = [r.tokens.tolist() for r in engine.generate(requests)]
+    plain_passes = engine.passes
+    for window in (5, 9):
+        rows = engine.generate(requests, decoding="rows", window=window)
+        assert [r.tokens.tolist() for r in rows] == plain and all(r.finished for r in rows)
+    v, template = fmt.vocab, requests[0].template
+    passes = {}
+    for window in (1, 2, 3):
+        rows = engine.generate(requests, decoding="rows", window=window)
+        passes[window] = engine.passes
+        for r in rows:
+            t = r.tokens
+            assert len(t) == len(template) and np.array_equal(t[template >= 0], template[template >= 0])
+            assert np.all((t[template < 0] >= v.visual_offset) & (t[template < 0] < v.size))
+    assert passes[1] < passes[2] < passes[3] < plain_passes
+    # the prefill, then row r starts r * (window + 1) passes in and the last row feeds its EOL and w - 1 codes
+    assert all(passes[k] == (grid[0] - 1) * (k + 1) + grid[1] for k in passes)
+    with pytest.raises(InputError, match="whole images"):
+        engine.generate([Request(np.array([v.bos]), max_new_tokens=3)], decoding="rows", window=2)
+    with pytest.raises(InputError, match="one image grid per call"):
+        engine.generate([requests[0], image_request(fmt, "x", (2, 5))], decoding="rows", window=2)
+
+
+def test_tokens_at_equals_its_eager_twin(lm, fmt):
+    """tokens_at (tokens at any columns under an explicit mask) gives the hidden states of hidden_states with
+    per-row columns when the columns are contiguous."""
+    from emu3.model import KVCache
+
+    torch.manual_seed(2)
+    ids = torch.randint(0, fmt.vocab.size, (2, 10))
+    caches = [KVCache(lm.config, 2, 16) for _ in range(2)]
+    with torch.no_grad():
+        for c in caches:
+            lm.hidden_states(ids[:, :6], cache=c)
+        start = torch.tensor([6, 6])
+        key_mask = torch.zeros(2, 10, dtype=torch.bool)
+        key_mask[:, :6] = True
+        want = lm.hidden_states(ids[:, 6:], positions=torch.arange(6, 10).expand(2, 4), key_mask=key_mask,
+                                cache=caches[0], start=start)
+        cols = torch.arange(6, 10).expand(2, 4)
+        mask = torch.arange(16)[None, None, :] <= cols[:, :, None]  # (2, 4, 16): filled and causal
+        got = lm.tokens_at(ids[:, 6:], cols, mask, caches[1])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[1].k[:, :, :, :10], caches[0].k[:, :, :, :10])
+
+
 # ---- the decode loop shaped for a GPU (emu3.graphs) ----
 
 

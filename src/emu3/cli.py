@@ -223,8 +223,8 @@ def _pipeline(args, rows: int = threads.DECODE_ROWS):
     emu = Emu3.from_pretrained(args.model, args.tokenizer, device=device, dtype=dtype)  # None: the built-in model
     if getattr(args, "decoding", None):
         emu.defaults.decoding = args.decoding
-    if getattr(args, "window", None):
-        emu.defaults.jacobi_window = args.window
+    if getattr(args, "window", None):  # the window of whichever decoding runs
+        emu.defaults.jacobi_window = emu.defaults.rows_window = args.window
     _set_threads(args, threads.lm_flops(emu.model, rows))
     return emu
 
@@ -609,11 +609,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=float, help="0 means greedy")
         p.add_argument("--top-k", type=int, help="0 means off (released images: 2048)")
         p.add_argument("--top-p", type=float, help="1 means off")
-        p.add_argument("--decoding", choices=("plain", "jacobi"),
+        p.add_argument("--decoding", choices=("plain", "jacobi", "rows"),
                        help="jacobi: speculative Jacobi decoding, the same distribution in fewer forward passes "
                             "(1.6x faster for one image of the built-in model on a CPU; not the same samples as "
-                            "plain, the default)")
-        p.add_argument("--window", type=int, help="draft tokens per pass with jacobi decoding (default 8)")
+                            "plain, the default); rows: parallel rows for whole images, NOT lossless (a row starts "
+                            "when the one above is --window codes ahead)")
+        p.add_argument("--window", type=int, help="draft tokens per pass with jacobi decoding (default 8); with rows, "
+                                                  "codes the row above is ahead (default 2)")
 
     def guidance_opts(p):
         p.add_argument("--cfg", type=float, help="classifier-free guidance scale (released: 3.0; 1 = off)")

@@ -273,10 +273,17 @@ class Engine:
         """Run the requests as one batch until every one has emitted a stop id or used its steps.
         decoding="jacobi": speculative Jacobi decoding (`Decoder.jacobi_pass`) with `window` drafts per
         request: the same distribution as plain decoding (greedy: the same tokens) in fewer forward passes.
+        decoding="rows": parallel rows (`emu3.zipar`, not lossless): whole images, row r starting when the row
+        above is `window` codes ahead.
         static: plain decoding of images and video in the loop shaped for a GPU (`emu3.graphs.StaticLoop`:
         the same tokens); None = on CUDA when the requests allow it."""
-        if decoding not in ("plain", "jacobi"):
-            raise InputError(f"decoding must be 'plain' or 'jacobi', got {decoding!r}")
+        if decoding not in ("plain", "jacobi", "rows"):
+            raise InputError(f"decoding must be 'plain', 'jacobi' or 'rows', got {decoding!r}")
+        if decoding == "rows":
+            from . import zipar
+
+            self.check(requests)
+            return zipar.generate(self, requests, window)
         if static is not False and decoding == "plain":
             from .graphs import StaticLoop, eligible
 

@@ -225,9 +225,9 @@ class Attention(nn.Module):
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         if cache is not None:
-            if isinstance(start, torch.Tensor):  # row b's tokens at its own columns start[b] + i
+            if isinstance(start, torch.Tensor):  # row b's tokens at its own columns start[b] + i (or start[b, i])
                 rows = torch.arange(b, device=x.device)[:, None]  # (B, 1)
-                cols = start[:, None] + torch.arange(t, device=x.device)[None, :]  # (B, T)
+                cols = start if start.dim() == 2 else start[:, None] + torch.arange(t, device=x.device)[None, :]
                 cache.k[layer, rows, :, cols] = k.transpose(1, 2)  # (B, T, KV, D)
                 cache.v[layer, rows, :, cols] = v.transpose(1, 2)
                 s = mask.shape[-1]
@@ -350,6 +350,19 @@ class Emu3LM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, cache, i, lengths)
         return self.model.norm(x)[:, 0]
+
+    def tokens_at(self, tokens: torch.Tensor, columns: torch.Tensor, key_mask: torch.Tensor,
+                  cache: KVCache) -> torch.Tensor:
+        """T new tokens per cache row at any columns (B, T), which are also their positions (rows filled from
+        column 0, unpadded); token i attends to the columns where key_mask (B, T, S) is True, S =
+        cache.max_len (the caller includes the token's own column). (B, T, hidden). For decoding out of
+        raster order (`emu3.zipar`); its slow twin is `hidden_states` with per-row `start`."""
+        cfg = self.config
+        x = self.model.embed_tokens(tokens)  # (B, T, H)
+        cos, sin = rope(columns, cfg.head_dim, cfg.rope_theta, cfg.rope_factor, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, key_mask[:, None], cache, i, columns)
+        return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor, vocab: slice | None = None) -> torch.Tensor:
         """fp32 logits, optionally over a contiguous slice of the vocabulary (e.g. the visual ids)."""

@@ -63,9 +63,11 @@ class Defaults:
     video_top_k: int | None = None  # None: image_top_k (the built-in model extends videos greedily: 1)
     order: str = "raster"
     # plain, or jacobi: speculative Jacobi decoding (the same distribution in fewer passes; not the same samples,
-    # so plain stays the default: a seed's image is the one it always was; docs/generation.md)
+    # so plain stays the default: a seed's image is the one it always was; docs/generation.md), or rows:
+    # parallel rows for whole images (not lossless; other outputs decode plain)
     decoding: str = "plain"
     jacobi_window: int = 8  # measured fastest on the built-in model (docs/generation.md)
+    rows_window: int = 2  # codes the row above must be ahead with decoding="rows"
 
     @classmethod
     def load(cls, folder: Path) -> Defaults:
@@ -138,6 +140,18 @@ class Emu3:
         return cls(model, tokenizer, vision, Defaults.load(folder), **kwargs)
 
 
+    def decoding(self, batch: list[Request]) -> dict:
+        """Engine.generate's decoding and window for a batch: the defaults', except that parallel rows
+        decode whole images only (anything else in the batch decodes plain)."""
+        d = self.defaults
+        if d.decoding == "rows":
+            from .zipar import image_grid
+
+            if all(image_grid(r, self.vocab) is not None for r in batch):
+                return {"decoding": "rows", "window": d.rows_window}
+            return {"decoding": "plain"}
+        return {"decoding": d.decoding, "window": d.jacobi_window}
+
     def formatter(self, order: str | None = None) -> Formatter:
         """The sequence builder for this model's vocabulary, in its token order unless `order` is given."""
         return Formatter(self.tokenizer, order or self.defaults.order)
@@ -188,8 +202,7 @@ class Emu3:
                     done[0] = now
 
             t0 = time.perf_counter()
-            out = self.engine.generate(batch, on_step=on_step, decoding=self.defaults.decoding,
-                                       window=self.defaults.jacobi_window)
+            out = self.engine.generate(batch, on_step=on_step, **self.decoding(batch))
             seconds = time.perf_counter() - t0
             if bar is not None:
                 bar.update(sum(r.steps() for r in batch) - done[0])

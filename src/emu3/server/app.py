@@ -62,7 +62,8 @@ class _State:
         self.metrics = Metrics(self)
         self.batcher = Batcher(pipe.engine, max_rows=config.max_rows, max_len=config.max_len,
                                max_queue=config.max_queue, on_end=self.metrics.ended, on_step=self.metrics.rows.observe,
-                               decoding=pipe.defaults.decoding, window=pipe.defaults.jacobi_window)
+                               decoding="plain" if pipe.defaults.decoding == "rows" else pipe.defaults.decoding,
+                               window=pipe.defaults.jacobi_window)  # parallel rows: not in continuous batching
         self.started = time.time()
 
 
