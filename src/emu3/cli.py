@@ -615,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "plain, the default); rows: parallel rows for whole images, NOT lossless (a row starts "
                             "when the one above is --window codes ahead)")
         p.add_argument("--window", type=int, help="draft tokens per pass with jacobi decoding (default 8); with rows, "
-                                                  "codes the row above is ahead (default 2)")
+                                                  "codes the row above is ahead (default 4)")
 
     def guidance_opts(p):
         p.add_argument("--cfg", type=float, help="classifier-free guidance scale (released: 3.0; 1 = off)")

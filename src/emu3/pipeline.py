@@ -67,7 +67,7 @@ class Defaults:
     # parallel rows for whole images (not lossless; other outputs decode plain)
     decoding: str = "plain"
     jacobi_window: int = 8  # measured fastest on the built-in model (docs/generation.md)
-    rows_window: int = 2  # codes the row above must be ahead with decoding="rows"
+    rows_window: int = 4  # codes the row above must be ahead with decoding="rows" (chosen on the selection split)
 
     @classmethod
     def load(cls, folder: Path) -> Defaults:
