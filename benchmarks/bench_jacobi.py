@@ -13,6 +13,7 @@ runs of both are checked to give identical tokens first.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import time
 
@@ -21,55 +22,92 @@ import torch
 
 from emu3 import Emu3
 from emu3.eval import bench
+from emu3.generate import Sampling
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def options(doc: str, windows: list[int]) -> argparse.ArgumentParser:
+    """The options this benchmark and bench_rows.py share."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model folder (default: the built-in model)")
     ap.add_argument("--images", type=int, default=16, help="images timed per setting")
-    ap.add_argument("--windows", type=int, nargs="+", default=[8, 16], help="the first one is scored")
+    ap.add_argument("--windows", type=int, nargs="+", default=windows, help="bench_jacobi scores the first")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--score-prompts", type=int, default=16, help="prompts per category for the scores (0: skip)")
     ap.add_argument("--scores-only", action="store_true", help="skip the timings")
-    args = ap.parse_args()
+    return ap
+
+
+def timed_requests(emu, n: int) -> list:
+    """n of `emu3 eval`'s generation prompts (selection seeds) as image requests with the model's defaults."""
+    prompts = [p.text for p in bench.geneval_prompts(max(1, n // 6 + 1), 10_000)][:n]
+    return [emu.image_request(p, seed=i) for i, p in enumerate(prompts)]
+
+
+def timings(engine, requests: list, batch: int, settings: list, repeats: int):
+    """Per setting (name, Engine.generate's keywords), at this batch size: (name, forward passes per batch,
+    seconds per image (best of `repeats`), speed-up over the first setting)."""
+    base = None
+    for name, kw in settings:
+        best, passes = float("inf"), 0
+        for _ in range(repeats):
+            t0, passes = time.perf_counter(), 0
+            for i in range(0, len(requests), batch):
+                engine.generate(requests[i:i + batch], **kw)
+                passes += engine.passes
+            best = min(best, time.perf_counter() - t0)
+        per_image = best / len(requests)
+        base = base or per_image
+        yield name, passes / -(-len(requests) // batch), per_image, base / per_image
+
+
+def scores(emu, settings: list, seeds, n: int):
+    """Per setting, (name, the exact generation score at each seed set, n prompts per category)."""
+    d = emu.defaults
+    for name, kw in settings:
+        d.decoding = kw["decoding"]
+        d.jacobi_window = d.rows_window = kw.get("window", 16)
+        yield name, np.array([bench.eval_generation(emu, n, s, batch_size=8)["overall"] for s in seeds])
+    d.decoding = "plain"
+
+
+def baselines(seeds, n: int) -> str:
+    """What a constant and a random image score on the same prompts (means over the seed sets)."""
+    base = [bench.generation_baselines(bench.geneval_prompts(n, s)) for s in seeds]
+    return (f"(on these prompts a constant image scores {np.mean([b['constant image'] for b in base]):.3f}, "
+            f"a random training image {np.mean([b['random image'] for b in base]):.3f})")
+
+
+def main() -> None:
+    args = options(__doc__, [8, 16]).parse_args()
     torch.set_num_threads(1)  # the built-in model decodes fastest on one thread (docs/threads.md)
     emu = Emu3.from_pretrained(args.model)
     engine = emu.engine
-    prompts = [p.text for p in bench.geneval_prompts(max(1, args.images // 6 + 1), 10_000)][:args.images]
-    requests = [emu.image_request(p, seed=i) for i, p in enumerate(prompts)]
-    greedy = [emu.image_request(p, seed=i, temperature=0.0) for i, p in enumerate(prompts[:4])]
+    requests = timed_requests(emu, args.images)
+    greedy = [dataclasses.replace(r, visual=Sampling(0.0)) for r in requests[:4]]
     same = [r.tokens.tolist() for r in engine.generate(greedy)] == \
         [r.tokens.tolist() for r in engine.generate(greedy, decoding="jacobi", window=max(args.windows))]
     print(f"# {platform.machine()}, torch {torch.__version__}, 1 thread; greedy tokens identical: {same}")
     assert same, "greedy jacobi tokens differ from plain decoding's"
     print("| batch | decoding | window | passes per image | tokens per pass and image | s / image | speed-up |")
     print("|---|---|---|---|---|---|---|")
+    settings = [("plain", {"decoding": "plain"})] + [(f"jacobi {w}", {"decoding": "jacobi", "window": w})
+                                                     for w in args.windows]
+    tokens = sum(r.steps() for r in requests) / len(requests)
     for batch in () if args.scores_only else (1, 8):
-        base = None
-        for decoding, window in [("plain", 0)] + [("jacobi", w) for w in args.windows]:
-            best, passes = float("inf"), 0
-            for _ in range(args.repeats):
-                t0, passes = time.perf_counter(), 0
-                for i in range(0, len(requests), batch):
-                    engine.generate(requests[i:i + batch], decoding=decoding, window=window or 16)
-                    passes += engine.passes
-                best = min(best, time.perf_counter() - t0)
-            per_image = best / len(requests)
-            base = base or per_image
-            calls = -(-len(requests) // batch)
-            per_call = passes / calls  # the passes it takes to write the images of one batch
-            tokens = sum(r.steps() for r in requests) / len(requests)
+        for name, per_call, per_image, speedup in timings(engine, requests, batch, settings, args.repeats):
+            decoding, _, window = name.partition(" ")
             print(f"| {batch} | {decoding} | {window or '-'} | {per_call:.1f} | {tokens / per_call:.2f} | "
-                  f"{per_image:.3f} | {base / per_image:.2f}x |", flush=True)
+                  f"{per_image:.3f} | {speedup:.2f}x |", flush=True)
     if args.score_prompts:
-        seeds = (110_000, 110_500, 111_000)  # the report split's prompts (emu3 eval --split report) and two more sets
+        seeds = bench.seed_sets("report")
         print(f"\n| decoding | exact generation score, seed sets {', '.join(map(str, seeds))} | mean | sd |\n"
               "|---|---|---|---|")
-        for decoding, window in [("plain", 0), ("jacobi", args.windows[0])]:
-            emu.defaults.decoding, emu.defaults.jacobi_window = decoding, window or 16
-            scores = [bench.eval_generation(emu, args.score_prompts, s, batch_size=8)["overall"] for s in seeds]
-            print(f"| {decoding}{f' (window {window})' if window else ''} | {', '.join(f'{x:.3f}' for x in scores)} "
-                  f"| {np.mean(scores):.3f} | {np.std(scores, ddof=1):.3f} |", flush=True)
+        scored = [("plain", {"decoding": "plain"}),
+                  (f"jacobi (window {args.windows[0]})", {"decoding": "jacobi", "window": args.windows[0]})]
+        for name, s in scores(emu, scored, seeds, args.score_prompts):
+            print(f"| {name} | {', '.join(f'{x:.3f}' for x in s)} | {s.mean():.3f} | {s.std(ddof=1):.3f} |",
+                  flush=True)
+        print("\n" + baselines(seeds, args.score_prompts))
 
 if __name__ == "__main__":
     main()

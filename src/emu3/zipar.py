@@ -99,6 +99,8 @@ def generate(engine: Engine, requests: list[Request], window: int) -> list[Resul
     items = [w - (r == h - 1) + (r > 0) for r in range(h)]  # the last code of the last row feeds nothing
     count = 1
 
+    columns = torch.arange(max_len, device=dev)
+
     def codes_fed(r: int) -> int:
         return max(0, fed[r] - (r > 0))
 
@@ -127,8 +129,7 @@ def generate(engine: Engine, requests: list[Request], window: int) -> list[Resul
         ids = torch.cat([ids, ids[guided]]) if guided else ids  # (rows, k): the unconditional rows too
         now = filled.clone()
         now.scatter_(1, cols, True)
-        s = torch.arange(max_len, device=dev)
-        mask = now[:, None, :] & (s[None, None, :] <= cols[:, :, None])  # (rows, k, S)
+        mask = now[:, None, :] & (columns[None, None, :] <= cols[:, :, None])  # (rows, k, S)
         hidden = model.tokens_at(ids, cols, mask, cache)  # (rows, k, H)
         filled = now
         count += 1

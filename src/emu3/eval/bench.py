@@ -542,6 +542,14 @@ def first_object(sentence: str) -> tuple[str, str]:
 SPLITS = {"selection": 10_000, "report": 110_000}
 
 
+def seed_sets(split: str) -> tuple[int, int, int]:
+    """Three seed sets of a split for scores whose spread over prompts and samples matters: the split's own
+    (what `emu3 eval --split` draws) and two more 500 and 1,000 seeds on."""
+    if split not in SPLITS:
+        raise InputError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
+    return SPLITS[split], SPLITS[split] + 500, SPLITS[split] + 1_000
+
+
 def evaluate(emu, generation: int = 16, understanding: int = 200, video: int = 24, tokenizer: int = 128,
              inpainting: int = 64, seed: int | None = None, progress: bool = False, split: str = "report",
              stories: int = 48) -> dict:

@@ -35,7 +35,7 @@ from ..eval.detect import detect
 from ..fsutil import atomic_file
 
 TRAIN_PROMPT_SEED = 7  # geneval_prompts(seed): the evaluation splits use 10,000+ and 110,000+
-SPLITS = {"selection": (10_000, 10_500, 11_000), "report": (110_000, 110_500, 111_000)}
+SPLITS = {split: bench.seed_sets(split) for split in bench.SPLITS}
 
 
 def load(model: str | None, cfg: float | None):
